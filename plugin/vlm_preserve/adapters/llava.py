@@ -1,0 +1,104 @@
+"""Upstream LLaVA (haotian-liu/LLaVA, PyPI `llava-torch`): pinned in third_party/llava, every symbol
+touched declared in patches/llava/symbols.json.
+
+Image positions: upstream's `prepare_inputs_labels_for_multimodal` returns no image mask. We mark the
+caller's ignored labels (-100) with a spare value before the call; afterwards the only -100 labels
+among attended positions are the freshly inserted image slots; the spare value is then put back to
+-100. Same forward, no second pass.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..capture import StepCapture
+from ..patching import Patches
+
+IGNORE_INDEX = -100        # llava.constants.IGNORE_INDEX (checked by check-upstream)
+IMAGE_TOKEN_INDEX = -200   # llava.constants.IMAGE_TOKEN_INDEX
+_SPARE = -12345            # a label value upstream never produces
+
+
+def find_llava(model):
+    """The upstream LlavaMetaForCausalLM inside any wrapper (PEFT, DeepSpeed, DDP)."""
+    for m in model.modules():
+        if hasattr(type(m), "prepare_inputs_labels_for_multimodal") and hasattr(type(m), "get_model"):
+            return m
+    raise TypeError(f"{type(model).__name__} contains no upstream LLaVA model (LlavaMetaForCausalLM).")
+
+
+def model_dims(model) -> dict:
+    cfg = find_llava(model).config
+    return {"num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+            "vision_hidden_size": getattr(cfg, "mm_hidden_size", None)}
+
+
+def is_projector_param(name: str) -> bool:
+    return "mm_projector" in name
+
+
+def is_llm_param(name: str) -> bool:
+    if "mm_projector" in name or "vision_tower" in name or "vlm_preserve" in name:
+        return False
+    return any(s in name for s in ("embed_tokens", ".layers.", ".norm.", "lm_head"))
+
+
+def features_in_mask_order(features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           image_mask: torch.Tensor) -> torch.Tensor:
+    """Rows of the projector input (n_images, N, d_v) in the order of the image positions.
+
+    Upstream pairs each text-only sample with a dummy image it then cuts away, inserts every image of a
+    sample whole, and truncation keeps a prefix of each sample, hence a prefix of its visual rows."""
+    rows, img = [], 0
+    for b in range(input_ids.shape[0]):
+        n_img = int((input_ids[b][attention_mask[b]] == IMAGE_TOKEN_INDEX).sum())
+        if n_img == 0:
+            img += 1
+            continue
+        f = features[img:img + n_img].reshape(-1, features.shape[-1])
+        img += n_img
+        rows.append(f[: int(image_mask[b].sum())])
+    out = torch.cat(rows) if rows else features.new_zeros(0, features.shape[-1])
+    if out.shape[0] != int(image_mask.sum()):
+        raise RuntimeError(f"vlm-preserve: {int(image_mask.sum())} image positions but {out.shape[0]} vision-tower "
+                           "rows; pre_anchor=pre_proj needs one projector output token per vision token.")
+    return out
+
+
+def install_capture(model, slot, *, visual_features: bool = False) -> Patches:
+    """Wrap the model's multimodal input preparation so each forward leaves a StepCapture in `slot`."""
+    llava = find_llava(model)
+    patches = Patches()
+    original = llava.prepare_inputs_labels_for_multimodal
+    seen = {}
+    if visual_features:
+        def keep_input(module, args):
+            seen["x"] = args[0]
+        patches.add_hook(llava.get_model().mm_projector.register_forward_pre_hook(keep_input))
+
+    def prepare(input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None):
+        seen.clear()
+        ids = input_ids.clone()  # kept for feature ordering (Bunny's variant mutates input_ids)
+        attn_in = attention_mask if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        marked = (labels.masked_fill(labels == IGNORE_INDEX, _SPARE) if labels is not None
+                  else torch.full_like(input_ids, _SPARE))
+        out_ids, pos, attn, pkv, embeds, new_labels = original(
+            input_ids, position_ids, attn_in, past_key_values, marked, images, image_sizes)
+        if embeds is None:  # upstream's text-only early return: hand back exactly what it was given
+            return out_ids, pos, attention_mask, pkv, None, labels
+        attn_b = attn.bool()
+        image_mask = (new_labels == IGNORE_INDEX) & attn_b
+        new_labels = new_labels.masked_fill(new_labels == _SPARE, IGNORE_INDEX)
+        feats = None
+        if visual_features:
+            x = seen.get("x")
+            if x is None or x.ndim != 3 or not torch.is_tensor(images) or images.ndim != 4:
+                raise RuntimeError("vlm-preserve: pre_anchor=pre_proj supports batches of single images "
+                                   "(image_aspect_ratio pad/square); use --pre_anchor pre_llm for anyres.")
+            feats = features_in_mask_order(x, ids, attn_in.bool(), image_mask)
+        slot.capture = StepCapture(inputs_embeds=embeds, image_mask=image_mask, attention_mask=attn_b,
+                                   labels=new_labels, visual_features=feats)
+        return (out_ids, pos, attn if attention_mask is not None else None, pkv, embeds,
+                new_labels if labels is not None else None)
+
+    patches.setattr(llava, "prepare_inputs_labels_for_multimodal", prepare)
+    return patches

@@ -1,0 +1,36 @@
+"""The one data type between adapters and methods: what a training step exposed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class StepCapture:
+    """Filled by an adapter during the model's forward; read by the regularizers.
+
+    Shapes: `inputs_embeds` (B, L, d) as fed to the first decoder layer; `image_mask` and `attention_mask`
+    (B, L) bool; `hidden_states` the model's tuple (embeddings, layer 0 output, ...) when requested;
+    `visual_features` (N_visual, d_vision): vision-tower features at the image positions, in mask order.
+    """
+    inputs_embeds: Optional[torch.Tensor] = None
+    image_mask: Optional[torch.Tensor] = None
+    attention_mask: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+    visual_features: Optional[torch.Tensor] = None
+    hidden_states: Optional[tuple] = None
+    logits: Optional[torch.Tensor] = None
+    step_seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def text_mask(self) -> torch.Tensor:
+        return self.attention_mask & ~self.image_mask
+
+    def text_embeds(self) -> torch.Tensor:
+        return self.inputs_embeds[self.text_mask]
+
+    def visual_embeds(self) -> torch.Tensor:
+        return self.inputs_embeds[self.image_mask]

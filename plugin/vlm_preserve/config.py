@@ -1,0 +1,21 @@
+"""Shared bits of the config dataclasses. Each method's own fields live in its file under regularizers/;
+the CLI flags are generated from those dataclasses (transformers' HfArgumentParser), so a name,
+default or help text is defined once."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message says what was wrong, what was expected, and what to do."""
+
+
+def choice(flag: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{flag} {value!r} is not one of: {', '.join(choices)}.")
+
+
+@dataclass
+class PreserveArguments:
+    regularizer: str = field(default="none", metadata={
+        "help": "Comma-separated terms: rdd, pre, soft_label, attention_tuning (e.g. rdd,pre); none = upstream as is."})

@@ -1,0 +1,87 @@
+"""PRe — Predictive Regularization (../shared/papers/pre-predictive-regularization-*.txt).
+
+A throw-away predictor head makes the visual tokens of a middle decoder layer predict the initial
+visual features:
+
+    p = f_pred(H_v^l)            visual tokens output by decoder layer l (with gradient)
+    z = stop_gradient(H_v^0)     anchor: `pre_llm` = projector output (the visual tokens entering the LLM),
+                                 or `pre_proj` = the vision tower's selected features (before the projector)
+    L_PRe = − mean_i cos(p_i, z_i)
+    L = L_LM + pre_weight · L_PRe          (paper: pre_weight 0.5; 0.2 too weak, 2.0 hurts)
+
+f_pred: Linear(d, d) → GELU → Linear(d, d_anchor) (the paper does not report width or activation).
+It exists only in training: saved in Trainer checkpoints, never in an exported model.
+Layer l is 0-based; `middle` = num_layers // 2 (Vicuna-7B: 16 of 32).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..capture import StepCapture
+from ..config import ConfigError, choice
+
+ANCHORS = ("pre_llm", "pre_proj")
+
+
+@dataclass
+class PReConfig:
+    pre_weight: float = field(default=0.5, metadata={"help": "Weight λ of the PRe term (paper default 0.5)."})
+    pre_layer: str = field(default="middle", metadata={"help": "Decoder layer (0-based) whose visual tokens predict the anchor, or 'middle'."})
+    pre_anchor: str = field(default="pre_llm", metadata={"help": "Anchor: pre_llm (projector output) or pre_proj (vision-tower features)."})
+
+    def validate(self) -> None:
+        choice("--pre_anchor", self.pre_anchor, ANCHORS)
+        if self.pre_weight < 0:
+            raise ConfigError(f"--pre_weight {self.pre_weight} is negative; use a weight >= 0 (paper: 0.5).")
+        if self.pre_layer != "middle":
+            try:
+                int(self.pre_layer)
+            except ValueError:
+                raise ConfigError(f"--pre_layer {self.pre_layer!r} is not an integer layer index or 'middle'.") from None
+
+    def layer_index(self, num_layers: int) -> int:
+        if self.pre_layer == "middle":
+            return num_layers // 2
+        k = int(self.pre_layer)
+        if not 0 <= k < num_layers:
+            raise ConfigError(f"--pre_layer {k} is out of range for a {num_layers}-layer LLM "
+                              f"(use 0..{num_layers - 1} or 'middle').")
+        return k
+
+
+class PReHead(nn.Sequential):
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__(nn.Linear(d_in, d_in), nn.GELU(), nn.Linear(d_in, d_out))
+
+
+def pre_loss(pred: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """−mean per-token cosine, fp32; the anchor carries no gradient."""
+    return -F.cosine_similarity(pred.float(), anchor.detach().float(), dim=-1, eps=1e-6).mean()
+
+
+class PRe:
+    name = "pre"
+
+    def __init__(self, cfg: PReConfig, num_layers: int, hidden_size: int, vision_hidden_size: int):
+        self.cfg = cfg
+        self.weight = cfg.pre_weight
+        self.layer = cfg.layer_index(num_layers)
+        self.hidden_layers = (self.layer,)
+        d_out = hidden_size if cfg.pre_anchor == "pre_llm" else vision_hidden_size
+        self.head = PReHead(hidden_size, d_out)
+        self.needs_visual_features = cfg.pre_anchor == "pre_proj"
+
+    def loss(self, cap: StepCapture) -> tuple[torch.Tensor, bool]:
+        # hidden_states[0] is the embedding output, so layer k's output is hidden_states[k + 1].
+        h = cap.hidden_states[self.layer + 1][cap.image_mask]
+        anchor = cap.visual_embeds() if self.cfg.pre_anchor == "pre_llm" else cap.visual_features
+        valid = h.shape[0] > 0
+        if not valid:  # still run the head (ZeRO-3 gathers its weights on every rank), weighted by 0
+            h = cap.hidden_states[self.layer + 1].new_zeros(1, self.head[0].in_features)
+            anchor = h.new_ones(1, self.head[-1].out_features)
+        w = self.head[0].weight
+        return pre_loss(self.head(h.to(w.dtype)), anchor), valid
