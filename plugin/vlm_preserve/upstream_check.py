@@ -1,0 +1,107 @@
+"""`vlm-preserve check-upstream NAME`: does the installed (or a checked-out) upstream still have every
+symbol the plugin touches, as declared in patches/NAME/symbols.json? Then one tiny patched step."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def declarations(upstream: str) -> dict:
+    local = Path(__file__).resolve().parents[2] / "patches" / upstream / "symbols.json"  # source checkout
+    if local.exists():
+        return json.loads(local.read_text())
+    from importlib.resources import files
+    return json.loads((files("vlm_preserve.patches") / upstream / "symbols.json").read_text())
+
+
+def _resolve(name: str):
+    module, _, attr = name.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_symbol(decl: dict) -> str | None:
+    """None if the symbol matches its declaration, else what is wrong."""
+    try:
+        obj = _resolve(decl["name"])
+    except (ImportError, AttributeError) as e:
+        return f"missing ({type(e).__name__}: {e})"
+    if "value" in decl and obj != decl["value"]:
+        return f"value {obj!r}, expected {decl['value']!r}"
+    if "params" in decl or "params_include" in decl:
+        found = list(inspect.signature(obj).parameters)
+        if "params" in decl and found != decl["params"]:
+            return f"parameters {found}, expected {decl['params']}"
+        lacking = [p for p in decl.get("params_include", []) if p not in found]
+        if lacking:
+            return f"parameters {found} lack {lacking}"
+    if "fields_include" in decl:
+        names = {f.name for f in dataclasses.fields(obj)}
+        lacking = [f for f in decl["fields_include"] if f not in names]
+        if lacking:
+            return f"dataclass fields lack {lacking}"
+    return None
+
+
+def _installed(decl: dict, source: str | None) -> str:
+    versions = []
+    for dist in decl["targets"]:
+        if dist == "upstream_commit":
+            continue
+        try:
+            versions.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{dist} not installed")
+    where = f"source tree {source}" if source else "installed"
+    return f"{where}; " + ", ".join(versions)
+
+
+def _tiny_run() -> str | None:
+    import torch
+
+    from .cli.llava_train import main as llava_train
+    from .fixtures import build_tiny_llava
+    with tempfile.TemporaryDirectory() as tmp:
+        fx = build_tiny_llava(Path(tmp) / "fx", n_image_samples=4, n_text_samples=2)
+        torch.manual_seed(0)
+        llava_train(fx.train_args(Path(tmp) / "run", max_steps=1, per_device_train_batch_size=6)
+                    + ["--regularizer", "rdd,pre"])
+        hist = json.loads((Path(tmp) / "run" / "trainer_state.json").read_text())["log_history"]
+        row = next((r for r in hist if "loss" in r), {})
+        bad = [k for k in ("loss", "rdd_loss", "pre_loss") if not (k in row and row[k] == row[k] and abs(row[k]) < 1e6)]
+        return f"tiny patched step logged no finite {bad}: {row}" if bad else None
+
+
+def check_upstream(upstream: str, source: str | None = None, run: bool = True) -> int:
+    if source:  # re-run in a fresh interpreter that imports the checkout first
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(source).resolve())] + sys.path))
+        args = [sys.executable, "-c", "from vlm_preserve.cli import entry; entry()", "check-upstream", upstream]
+        env["VLM_PRESERVE_CHECK_SOURCE"] = str(source)
+        return subprocess.call(args + ([] if run else ["--skip-run"]), env=env)
+    source = os.environ.get("VLM_PRESERVE_CHECK_SOURCE")
+    decl = declarations(upstream)
+    where = _installed(decl, source)
+    problems = [(d["name"], err) for d in decl["symbols"] if (err := check_symbol(d))]
+    for name, err in problems:
+        print(f"DRIFT {name}: {err}  [{where}; plugin targets {decl['targets']}]", file=sys.stderr)
+    if problems:
+        print(f"check-upstream {upstream}: {len(problems)} of {len(decl['symbols'])} symbols drifted.", file=sys.stderr)
+        return 1
+    print(f"check-upstream {upstream}: all {len(decl['symbols'])} declared symbols match ({where}).")
+    if run:
+        err = _tiny_run()
+        if err:
+            print(f"DRIFT tiny run: {err} [{where}]", file=sys.stderr)
+            return 1
+        print(f"check-upstream {upstream}: one patched forward+backward (llava-train --regularizer rdd,pre) ran, terms finite.")
+    return 0

@@ -1,0 +1,51 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _has_llava() -> bool:
+    try:
+        import llava.train.train  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+HAS_LLAVA = _has_llava()
+needs_llava = pytest.mark.skipif(not HAS_LLAVA, reason="upstream LLaVA (llava-torch) is not installed in this environment")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    from vlm_preserve.fixtures import build_tiny_llava
+    return build_tiny_llava(tmp_path_factory.mktemp("fixture"))
+
+
+_SEEDED = ("import sys, torch; torch.manual_seed(0); "
+           "sys.argv = ['train'] + sys.argv[1:]; ")
+
+
+def run_entry(kind: str, args: list, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `llava-train` (kind='plugin') or plain upstream `train()` (kind='upstream') in a fresh
+    interpreter, torch seeded first (upstream initialises the projector before the Trainer seeds)."""
+    code = _SEEDED + ("from vlm_preserve.cli.llava_train import main; main(sys.argv[1:])" if kind == "plugin"
+                      else "from llava.train.train import train; train()")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{kind} run failed ({p.returncode}):\n{p.stderr[-4000:]}")
+    return p
+
+
+def log_history(output_dir) -> list[dict]:
+    return json.loads((Path(output_dir) / "trainer_state.json").read_text())["log_history"]
+
+
+def step_rows(output_dir) -> list[dict]:
+    return [r for r in log_history(output_dir) if "loss" in r]

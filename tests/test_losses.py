@@ -1,0 +1,195 @@
+"""The methods against independent computations: closed forms, invariances, bandwidth scaling."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlm_preserve.capture import StepCapture
+from vlm_preserve.regularizers.pre import PReConfig, PReHead, pre_loss
+from vlm_preserve.regularizers.rdd import RDD, RDDConfig, mean_heuristic_sigma2, mmd2, subsample
+from vlm_preserve.regularizers.soft_label import soft_label_loss
+
+
+def naive_mmd2(x, y, kernel, scale=1.0):
+    x, y = x.double(), y.double()
+    z = torch.cat([x, y])
+    n = z.shape[0]
+    d2 = torch.cdist(z, z).pow(2)
+    sigma2 = d2.sum() / (n * (n - 1)) * scale
+
+    def k(a, b):
+        if kernel == "rbf":
+            return torch.exp(-torch.cdist(a, b).pow(2) / (2 * sigma2))
+        if kernel == "poly":
+            return (a @ b.T / a.shape[1] + 1) ** 3
+        return a @ b.T
+    return (k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()).item()
+
+
+@pytest.fixture
+def xy():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(50, 8, generator=g), torch.randn(40, 8, generator=g) * 1.5 + 0.7
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "poly", "linear"])
+def test_mmd_matches_dense_reference(xy, kernel):
+    x, y = xy
+    assert mmd2(x, y, kernel).item() == pytest.approx(naive_mmd2(x, y, kernel), rel=1e-4)
+
+
+def test_linear_and_l2_closed_forms(xy):
+    x, y = xy
+    diff = x.mean(0) - y.mean(0)
+    assert mmd2(x, y, "linear").item() == pytest.approx(diff.pow(2).sum().item(), rel=1e-5)
+    assert mmd2(x, y, "l2").item() == pytest.approx(diff.norm().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "poly", "linear", "l2"])
+def test_identical_samples_give_zero(xy, kernel):
+    x, _ = xy
+    assert abs(mmd2(x, x.clone(), kernel).item()) < 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "poly", "linear"])
+def test_symmetric_and_permutation_invariant(xy, kernel):
+    x, y = xy
+    v = mmd2(x, y, kernel).item()
+    assert mmd2(y, x, kernel).item() == pytest.approx(v, rel=1e-5)
+    assert mmd2(x[torch.randperm(50)], y[torch.randperm(40)], kernel).item() == pytest.approx(v, rel=1e-5)
+
+
+def test_rbf_invariant_to_translation_and_rotation(xy):
+    x, y = xy
+    q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    q = q.float()
+    shift = torch.randn(8) * 5
+    v = mmd2(x, y).item()
+    assert mmd2(x @ q + shift, y @ q + shift).item() == pytest.approx(v, rel=1e-4)
+    # the mean heuristic also makes it invariant to a global scale
+    assert mmd2(3 * x, 3 * y).item() == pytest.approx(v, rel=1e-4)
+
+
+def test_bandwidth_scaling(xy):
+    x, y = xy
+    for s in (0.5, 2.0):
+        assert mmd2(x, y, "rbf", bandwidth_scale=s).item() == pytest.approx(naive_mmd2(x, y, "rbf", s), rel=1e-4)
+    # a wider kernel is flatter: smaller discrepancy for these samples
+    assert mmd2(x, y, "rbf", bandwidth_scale=4.0) < mmd2(x, y, "rbf", bandwidth_scale=1.0)
+
+
+def test_mean_heuristic_closed_form(xy):
+    z = torch.cat(xy).double()
+    n = z.shape[0]
+    assert mean_heuristic_sigma2(z).item() == pytest.approx((torch.cdist(z, z).pow(2).sum() / (n * (n - 1))).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "poly"])
+def test_blocked_equals_unblocked_values_and_gradients(xy, kernel):
+    x, y = xy
+    grads = []
+    for block in (7, 10_000):
+        a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
+        v = mmd2(a, b, kernel, block_size=block)
+        v.backward()
+        grads.append((v.item(), a.grad, b.grad))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grads[0][2], grads[1][2], rtol=1e-4, atol=1e-7)
+
+
+def test_capped_estimate_within_stated_tolerance():
+    """The documented guarantee (regularizers/rdd.py): cap 2048 of 6000+6000 tokens stays within 5%."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6000, 32, generator=g)
+    y = torch.randn(6000, 32, generator=g) * 1.3 + 0.4
+    with torch.no_grad():
+        exact = mmd2(x, y, "rbf", block_size=2048).item()
+        for seed in range(3):
+            gen = torch.Generator().manual_seed(seed)
+            capped = mmd2(subsample(x, 2048, gen), subsample(y, 2048, gen), "rbf").item()
+            assert abs(capped - exact) <= 0.05 * exact, (capped, exact)
+
+
+def test_fp32_whatever_the_input_dtype(xy):
+    x, y = xy
+    out = mmd2(x.bfloat16(), y.bfloat16())
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(mmd2(x.bfloat16().float(), y.bfloat16().float()).item(), rel=1e-5)
+
+
+def _capture(embeds, image_mask, attn=None):
+    attn = torch.ones_like(image_mask) if attn is None else attn
+    return StepCapture(inputs_embeds=embeds, image_mask=image_mask, attention_mask=attn)
+
+
+def test_rdd_uses_only_attended_text_and_image_positions():
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(2, 6, 4, generator=g)
+    img = torch.tensor([[0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    attn = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    value, valid = RDD(RDDConfig()).loss(_capture(e, img, attn))
+    text = torch.cat([e[0, [0, 3, 4]], e[1, :3]])
+    assert valid and value.item() == pytest.approx(mmd2(text, e[0, 1:3]).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "poly", "linear", "l2"])
+def test_rdd_without_images_is_finite_and_flagged(kernel):
+    e = torch.randn(2, 5, 4, requires_grad=True)
+    value, valid = RDD(RDDConfig(rdd_kernel=kernel)).loss(_capture(e, torch.zeros(2, 5, dtype=torch.bool)))
+    assert not valid and torch.isfinite(value)
+    (value * 0.0).backward()
+    assert torch.isfinite(e.grad).all()
+
+
+def test_pre_loss_closed_forms():
+    a = torch.randn(10, 6)
+    assert pre_loss(a, a).item() == pytest.approx(-1.0, abs=1e-6)
+    assert pre_loss(-a, a).item() == pytest.approx(1.0, abs=1e-6)
+    assert pre_loss(3 * a, a).item() == pytest.approx(-1.0, abs=1e-6)  # scale-invariant
+    p, z = torch.randn(10, 6, requires_grad=True), torch.randn(10, 6, requires_grad=True)
+    pre_loss(p, z).backward()
+    assert z.grad is None and p.grad.abs().sum() > 0  # stop-gradient on the anchor
+    ref = -F.cosine_similarity(p.detach().double(), z.detach().double(), dim=-1).mean()
+    assert pre_loss(p, z).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_pre_head_shape_and_layer_choice():
+    assert PReHead(16, 8)(torch.randn(3, 16)).shape == (3, 8)
+    assert PReConfig().layer_index(32) == 16 and PReConfig().layer_index(28) == 14
+    assert PReConfig(pre_layer="3").layer_index(4) == 3
+
+
+def test_soft_label_alpha_zero_is_cross_entropy():
+    logits, labels = torch.randn(2, 7, 11), torch.randint(0, 11, (2, 7))
+    labels[0, :3] = -100
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
+    for variant in ("uniform", "dynamic"):
+        assert soft_label_loss(logits, labels, variant, 0.0).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_soft_label_uniform_equals_torch_label_smoothing():
+    V, alpha = 11, 0.2
+    logits, labels = torch.randn(3, 5, V), torch.randint(0, V, (3, 5))
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), label_smoothing=alpha * V / (V - 1))
+    assert soft_label_loss(logits, labels, "uniform", alpha).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_soft_label_dynamic_value_and_gradient():
+    V, alpha = 9, 0.3
+    logits, labels = torch.randn(2, 6, V, requires_grad=True), torch.randint(0, V, (2, 6))
+    loss = soft_label_loss(logits, labels, "dynamic", alpha)
+    z, y = logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1)
+    p = torch.softmax(z, -1)
+    value = ((1 - alpha) * F.cross_entropy(z, y, reduction="none") - alpha * (p * torch.log(p)).sum(-1)).mean()
+    assert loss.item() == pytest.approx(value.item(), rel=1e-5)
+    (g,) = torch.autograd.grad(loss, logits)
+    (g_ce,) = torch.autograd.grad(F.cross_entropy(z, y), logits)
+    torch.testing.assert_close(g, (1 - alpha) * g_ce, rtol=1e-4, atol=1e-7)
+
+
+def test_soft_label_with_nothing_supervised_is_zero():
+    logits = torch.randn(1, 4, 5, requires_grad=True)
+    out = soft_label_loss(logits, torch.full((1, 4), -100), "uniform", 0.1)
+    assert out.item() == 0.0 and not math.isnan(out.item())
