@@ -102,3 +102,16 @@ def install_capture(model, slot, *, visual_features: bool = False) -> Patches:
 
     patches.setattr(llava, "prepare_inputs_labels_for_multimodal", prepare)
     return patches
+
+
+def allow_numpy_rng_state(patches: Patches) -> None:
+    """transformers 4.36 resumes with `torch.load(rng_state.pth)`, which torch >= 2.6 refuses (weights_only
+    default) because the file holds numpy RNG arrays. Allow exactly those numpy types, for this run only."""
+    import numpy as np
+    if not hasattr(torch.serialization, "safe_globals"):
+        return
+    core = getattr(np, "_core", None) or np.core
+    cm = torch.serialization.safe_globals([core.multiarray._reconstruct, np.ndarray, np.dtype,
+                                           type(np.dtype(np.uint32))])
+    cm.__enter__()
+    patches.call_on_undo(lambda: cm.__exit__(None, None, None))

@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             from ..adapters import llava as adapter
             from ..trainer import preserving_trainer_class, without_heads
             patches.setattr(upstream, "LLaVATrainer", preserving_trainer_class(upstream.LLaVATrainer, configs, adapter))
+            adapter.allow_numpy_rng_state(patches)
             for fn in ("get_peft_state_maybe_zero_3", "get_peft_state_non_lora_maybe_zero_3"):
                 original = getattr(upstream, fn)
                 patches.setattr(upstream, fn, lambda *a, _f=original, **k: without_heads(_f(*a, **k)))

@@ -1,0 +1,147 @@
+"""Real upstream LLaVA `train()` through `llava-train`, end to end on the tiny fixture (subprocesses, as
+a user runs it)."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import needs_llava, run_entry, step_rows
+
+pytestmark = needs_llava
+
+TERMS = {"rdd": ["rdd_loss"], "pre": ["pre_loss"], "rdd,pre": ["rdd_loss", "pre_loss"],
+         "soft_label": ["soft_label_loss"], "attention_tuning": []}
+
+
+def weights(path) -> dict:
+    path = Path(path)
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    for f in sorted(path.glob("pytorch_model*.bin")) + sorted(path.glob("adapter_model.bin")):
+        out.update(torch.load(f, map_location="cpu"))
+    return out
+
+
+def test_none_is_bit_identical_to_plain_upstream(tiny_llava, tmp_path):
+    run_entry("upstream", tiny_llava.train_args(tmp_path / "upstream"))
+    run_entry("plugin", tiny_llava.train_args(tmp_path / "plugin") + ["--regularizer", "none"])
+    a, b = step_rows(tmp_path / "upstream"), step_rows(tmp_path / "plugin")
+    assert len(a) == 4 and [r["loss"] for r in a] == [r["loss"] for r in b]
+    wa, wb = weights(tmp_path / "upstream"), weights(tmp_path / "plugin")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+RUNS = [
+    ("rdd", ["--rdd_kernel", "rbf"]), ("rdd", ["--rdd_kernel", "linear"]), ("rdd", ["--rdd_kernel", "poly"]),
+    ("rdd", ["--rdd_kernel", "l2"]), ("pre", ["--pre_anchor", "pre_llm"]), ("pre", ["--pre_anchor", "pre_proj"]),
+    ("rdd,pre", []), ("attention_tuning", []), ("soft_label", ["--soft_label_variant", "uniform"]),
+    ("soft_label", ["--soft_label_variant", "dynamic", "--soft_label_alpha", "0.2"]),
+]
+
+
+@pytest.mark.parametrize("reg,extra", RUNS, ids=[f"{r}{''.join(e[1:2])}" for r, e in RUNS])
+def test_each_regularizer_trains_and_logs_its_terms(tiny_llava, tmp_path, reg, extra):
+    out = tmp_path / "run"
+    run_entry("plugin", tiny_llava.train_args(out) + ["--regularizer", reg, *extra])
+    rows = step_rows(out)
+    assert len(rows) == 4
+    for row in rows:
+        for name in ["loss", "lm_loss", *TERMS[reg]]:
+            assert name in row and math.isfinite(row[name]), (name, row)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    final = weights(out)
+    assert final and not any("vlm_preserve" in k for k in final)
+    init_llm = weights(tiny_llava.llm)
+    init_vision = weights(tiny_llava.vision)
+    # the vision tower is frozen by upstream in every run (and cast to fp16 when training in fp32)
+    for k, v in init_vision.items():
+        assert torch.equal(final[f"model.vision_tower.vision_tower.{k}"], v.half()), k
+    changed = {k for k, v in init_llm.items() if not torch.equal(final[k], v)}
+    if reg == "attention_tuning":
+        assert changed and all(".self_attn." in k for k in changed), sorted(changed)[:5]
+        assert any("q_proj" in k for k in changed)
+    else:
+        assert "model.embed_tokens.weight" in changed and any(".mlp." in k for k in changed)
+
+
+def test_export_loads_without_the_plugin(tiny_llava, tmp_path):
+    out = tmp_path / "run"
+    run_entry("plugin", tiny_llava.train_args(out) + ["--regularizer", "rdd,pre"])
+    code = ("import sys, torch; from llava.model import LlavaLlamaForCausalLM; "
+            f"m = LlavaLlamaForCausalLM.from_pretrained({str(out)!r}); "
+            "assert 'vlm_preserve' not in sys.modules; "
+            "assert not any('vlm_preserve' in k for k in m.state_dict()); print('loaded', type(m).__name__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert p.returncode == 0 and "loaded LlavaLlamaForCausalLM" in p.stdout, p.stderr[-3000:]
+
+
+def test_gradient_checkpointing_on_equals_off(tiny_llava, tmp_path):
+    for gc in ("False", "True"):
+        run_entry("plugin", tiny_llava.train_args(tmp_path / gc, gradient_checkpointing=gc)
+                  + ["--regularizer", "rdd,pre"])
+    off, on = step_rows(tmp_path / "False"), step_rows(tmp_path / "True")
+    for a, b in zip(off, on):
+        for k in ("loss", "lm_loss", "rdd_loss", "pre_loss"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, a, b)
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tiny_llava, tmp_path):
+    args = dict(max_steps=6, save_strategy="steps", save_steps=3)
+    full = tmp_path / "full"
+    run_entry("plugin", tiny_llava.train_args(full, **args) + ["--regularizer", "rdd,pre"])
+    ckpt = full / "checkpoint-3"
+    assert (ckpt / "vlm_preserve_heads.safetensors").exists()
+    assert not any("vlm_preserve" in k for k in weights(ckpt))  # heads live in their own file
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(ckpt, resumed / "checkpoint-3")  # upstream train() resumes when a checkpoint exists
+    run_entry("plugin", tiny_llava.train_args(resumed, **args) + ["--regularizer", "rdd,pre"])
+    a = [r for r in step_rows(full) if r["step"] > 3]
+    b = [r for r in step_rows(resumed) if r["step"] > 3]  # log_history carries the checkpoint's rows
+    assert [r["step"] for r in b] == [4, 5, 6]
+    for x, y in zip(a, b):
+        for k in ("loss", "lm_loss", "rdd_loss", "pre_loss"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), (k, x, y)
+    wa, wb = weights(full), weights(resumed)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_resume_refuses_a_checkpoint_without_heads(tiny_llava, tmp_path):
+    out = tmp_path / "run"
+    run_entry("plugin", tiny_llava.train_args(out, max_steps=2, save_strategy="steps", save_steps=2))
+    p = run_entry("plugin", tiny_llava.train_args(out, max_steps=4, save_strategy="steps", save_steps=2)
+                  + ["--regularizer", "pre"], check=False)
+    assert p.returncode != 0 and "vlm_preserve_heads.safetensors is missing" in p.stderr
+
+
+def test_lora_path_keeps_heads_out_of_non_lora_trainables(tiny_llava, tmp_path):
+    out = tmp_path / "lora"
+    run_entry("plugin", tiny_llava.train_args(out, lora_enable="True", lora_r=4, lora_alpha=8, lora_bias="all")
+              + ["--regularizer", "rdd,pre"])
+    rows = step_rows(out)
+    assert all(math.isfinite(r["pre_loss"]) and math.isfinite(r["rdd_loss"]) for r in rows)
+    non_lora = torch.load(out / "non_lora_trainables.bin", map_location="cpu")
+    assert any("mm_projector" in k for k in non_lora)
+    assert not any("vlm_preserve" in k for k in non_lora)
+    adapter = weights(out)
+    assert adapter and any("lora_" in k for k in adapter) and not any("vlm_preserve" in k for k in adapter)
+
+
+def test_projector_pretraining_path(tiny_llava, tmp_path):
+    out = tmp_path / "pretrain"
+    run_entry("plugin", tiny_llava.train_args(out, tune_mm_mlp_adapter="True") + ["--regularizer", "rdd,pre"])
+    rows = step_rows(out)
+    assert len(rows) == 4 and all(math.isfinite(r["rdd_loss"]) and math.isfinite(r["pre_loss"]) for r in rows)
+    saved = torch.load(out / "mm_projector.bin", map_location="cpu")
+    assert saved and all("mm_projector" in k for k in saved)
