@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create (or reuse) the virtual environment for one upstream and install everything from PyPI.
+#   bash scripts/setup_env.sh llava     -> .venv/llava : upstream LLaVA + its tested dependency set + this plugin
+# Re-running is cheap: the install is skipped while the requirement files are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+name="${1:-llava}"
+venv=".venv/$name"
+py="${PYTHON:-python3}"
+
+case "$name" in
+  llava) reqs=(third_party/llava/requirements.txt) ;;
+  *) echo "setup_env.sh: unknown environment '$name' (known: llava)" >&2; exit 2 ;;
+esac
+
+stamp="$venv/.installed"
+want="$(cat "${reqs[@]}" "$0" | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "[setup] $venv is up to date"
+  exit 0
+fi
+rm -rf "$venv"
+"$py" -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+"${pip[@]}" install --upgrade pip
+# torch first, pinned: the CPU build lies on local disk here; an unpinned one pulls a multi-GB CUDA build.
+"${pip[@]}" install "$(grep -E '^torch==' "${reqs[0]}")"
+"${pip[@]}" install -r "${reqs[@]}" pytest
+case "$name" in
+  llava)
+    # The wheel's own pins (torch 2.0.1, peft 0.4.0, ...) do not install here; the tested set above replaces them.
+    "${pip[@]}" install --no-deps llava-torch==1.2.2.post1
+    # Upstream's LoRA and projector-only save paths import deepspeed unconditionally. No build isolation,
+    # so its build uses the pinned torch instead of fetching another.
+    "${pip[@]}" install --no-build-isolation deepspeed==0.19.8
+    ;;
+esac
+echo "$want" > "$stamp"
+echo "[setup] $venv ready"

@@ -1,0 +1,91 @@
+"""Bad input fails clearly before any model loads; check-upstream passes on the pin and names drift."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_llava
+
+
+def llava_train(args, **env):
+    code = "from vlm_preserve.cli.llava_train import main; main()"
+    t = time.time()
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONWARNINGS="ignore", **env))
+    return p, time.time() - t
+
+
+@pytest.fixture(scope="module")
+def base_args(tiny_llava, tmp_path_factory):
+    return tiny_llava.train_args(tmp_path_factory.mktemp("never_written"))
+
+
+@needs_llava
+@pytest.mark.parametrize("extra,message", [
+    (["--regularizer", "rdd,mmd"], "unknown term 'mmd'; choose from: none, rdd, pre, soft_label, attention_tuning"),
+    (["--regularizer", "pre", "--pre_layer", "40"], "--pre_layer 40 is out of range for a 4-layer LLM (use 0..3 or 'middle')"),
+    (["--regularizer", "rdd", "--rdd_weight", "-1"], "--rdd_weight -1.0 is negative"),
+    (["--regularizer", "pre", "--pre_weight", "-0.5"], "--pre_weight -0.5 is negative"),
+    (["--regularizer", "rdd", "--pre_weight", "0.5"], "--pre_weight was given but 'pre' is not enabled"),
+    (["--rdd_kernel", "linear"], "--rdd_kernel was given but 'rdd' is not enabled"),
+    (["--regularizer", "rdd", "--rdd_kernel", "cosine"], "--rdd_kernel 'cosine' is not one of: rbf, linear, poly, l2"),
+    (["--regularizer", "attention_tuning", "--lora_enable", "True"], "alternative to --lora_enable"),
+])
+def test_bad_input_fails_before_any_model_loads(base_args, extra, message):
+    p, _ = llava_train(base_args + extra)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert message in p.stderr
+    assert "Formatting inputs" not in p.stdout + p.stderr and "instantiate a model" not in p.stderr
+
+
+def test_missing_upstream_says_how_to_install(tmp_path):
+    blocker = tmp_path / "llava"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('No module named llava (simulated)')\n")
+    p, _ = llava_train(["--regularizer", "rdd"], PYTHONPATH=os.pathsep.join([str(tmp_path)] + sys.path))
+    assert p.returncode == 2
+    assert "upstream LLaVA is not installed" in p.stderr and "pip install --no-deps llava-torch==1.2.2.post1" in p.stderr
+
+
+def test_help_lists_our_flags():
+    p, _ = llava_train(["--help"])
+    assert p.returncode == 0
+    for flag in ("--regularizer", "--rdd_weight", "--rdd_kernel", "--rdd_max_tokens", "--pre_layer", "--pre_anchor",
+                 "--soft_label_alpha"):
+        assert flag in p.stdout
+
+
+def vlm_preserve(*args, **env):
+    code = "from vlm_preserve.cli import entry; entry()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore", **env))
+
+
+@needs_llava
+def test_check_upstream_passes_on_the_pinned_version():
+    p = vlm_preserve("check-upstream", "llava")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "all 19 declared symbols match" in p.stdout and "forward+backward" in p.stdout
+
+
+@needs_llava
+def test_check_upstream_fails_clearly_on_a_doctored_checkout(tmp_path):
+    import llava
+    src = tmp_path / "checkout"
+    shutil.copytree(Path(llava.__file__).parent, src / "llava")
+    arch = src / "llava" / "model" / "llava_arch.py"
+    text = arch.read_text()
+    assert "labels,\n        images, image_sizes=None" in text
+    arch.write_text(text.replace("labels,\n        images, image_sizes=None", "labels,\n        pixel_values, image_sizes=None"))
+    p = vlm_preserve("check-upstream", "llava", "--source", str(src), "--skip-run")
+    assert p.returncode == 1
+    assert "DRIFT llava.model.llava_arch:LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal" in p.stderr
+    assert "pixel_values" in p.stderr and f"source tree {src}" in p.stderr and "llava-torch 1.2.2.post1" in p.stderr
+    # the untouched copy passes
+    shutil.rmtree(src)
+    shutil.copytree(Path(llava.__file__).parent, src / "llava")
+    assert vlm_preserve("check-upstream", "llava", "--source", str(src), "--skip-run").returncode == 0
