@@ -89,3 +89,16 @@ def test_check_upstream_fails_clearly_on_a_doctored_checkout(tmp_path):
     shutil.rmtree(src)
     shutil.copytree(Path(llava.__file__).parent, src / "llava")
     assert vlm_preserve("check-upstream", "llava", "--source", str(src), "--skip-run").returncode == 0
+
+
+def test_readme_flag_table_matches_the_config_definitions():
+    import dataclasses
+
+    from vlm_preserve.cli.llava_train import LlavaLaunchArguments
+    from vlm_preserve.regularizers import CONFIG_CLASSES
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for cls in CONFIG_CLASSES:
+        for f in dataclasses.fields(cls):
+            assert f"| `--{f.name}` | `{f.default}` |" in readme, f.name
+    for f in dataclasses.fields(LlavaLaunchArguments):
+        assert f"| `--{f.name}` |" in readme
