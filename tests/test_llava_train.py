@@ -145,3 +145,25 @@ def test_projector_pretraining_path(tiny_llava, tmp_path):
     assert len(rows) == 4 and all(math.isfinite(r["rdd_loss"]) and math.isfinite(r["pre_loss"]) for r in rows)
     saved = torch.load(out / "mm_projector.bin", map_location="cpu")
     assert saved and all("mm_projector" in k for k in saved)
+
+
+def test_bf16_with_gradient_checkpointing_matches_fp32_terms(tiny_llava, tmp_path):
+    """Mixed precision: the model in bf16 (upstream loads it so with --bf16), terms still computed in fp32."""
+    run_entry("plugin", tiny_llava.train_args(tmp_path / "fp32", max_steps=1) + ["--regularizer", "rdd,pre"])
+    run_entry("plugin", tiny_llava.train_args(tmp_path / "bf16", max_steps=1, bf16="True", gradient_checkpointing="True")
+              + ["--regularizer", "rdd,pre"])
+    (a,), (b,) = step_rows(tmp_path / "fp32"), step_rows(tmp_path / "bf16")
+    for k in ("lm_loss", "rdd_loss", "pre_loss"):
+        assert math.isfinite(b[k]) and b[k] == pytest.approx(a[k], rel=3e-2, abs=1e-2), (k, a, b)
+    final = weights(tmp_path / "bf16")
+    assert final["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert not any("vlm_preserve" in k for k in final)
+
+
+def test_pre_head_is_optimised_and_saved_per_checkpoint(tiny_llava, tmp_path):
+    out = tmp_path / "run"
+    run_entry("plugin", tiny_llava.train_args(out, save_strategy="steps", save_steps=2) + ["--regularizer", "pre"])
+    h2 = load_file(out / "checkpoint-2" / "vlm_preserve_heads.safetensors")
+    h4 = load_file(out / "checkpoint-4" / "vlm_preserve_heads.safetensors")
+    assert set(h2) == {"pre.0.weight", "pre.0.bias", "pre.2.weight", "pre.2.bias"}
+    assert all(not torch.equal(h2[k], h4[k]) for k in h2)
