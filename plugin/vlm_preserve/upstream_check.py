@@ -53,17 +53,16 @@ def check_symbol(decl: dict) -> str | None:
     return None
 
 
-def _installed(decl: dict, source: str | None) -> str:
-    versions = []
+def _versions(decl: dict) -> dict:
+    out = {}
     for dist in decl["targets"]:
         if dist == "upstream_commit":
             continue
         try:
-            versions.append(f"{dist} {importlib.metadata.version(dist)}")
+            out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
-            versions.append(f"{dist} not installed")
-    where = f"source tree {source}" if source else "installed"
-    return f"{where}; " + ", ".join(versions)
+            out[dist] = "not installed"
+    return out
 
 
 def _tiny_run() -> str | None:
@@ -90,7 +89,8 @@ def check_upstream(upstream: str, source: str | None = None, run: bool = True) -
         return subprocess.call(args + ([] if run else ["--skip-run"]), env=env)
     source = os.environ.get("VLM_PRESERVE_CHECK_SOURCE")
     decl = declarations(upstream)
-    where = _installed(decl, source)
+    versions = _versions(decl)
+    where = (f"source tree {source}" if source else "installed") + "; " + ", ".join(f"{k} {v}" for k, v in versions.items())
     problems = [(d["name"], err) for d in decl["symbols"] if (err := check_symbol(d))]
     for name, err in problems:
         print(f"DRIFT {name}: {err}  [{where}; plugin targets {decl['targets']}]", file=sys.stderr)
@@ -98,6 +98,10 @@ def check_upstream(upstream: str, source: str | None = None, run: bool = True) -
         print(f"check-upstream {upstream}: {len(problems)} of {len(decl['symbols'])} symbols drifted.", file=sys.stderr)
         return 1
     print(f"check-upstream {upstream}: all {len(decl['symbols'])} declared symbols match ({where}).")
+    for dist, found in versions.items():
+        if found != decl["targets"][dist]:
+            print(f"note: tested against {dist} {decl['targets'][dist]}, found {found}: the symbols match, "
+                  "behaviour beyond them is untested.")
     if run:
         err = _tiny_run()
         if err:
