@@ -126,12 +126,13 @@ def test_resume_refuses_a_checkpoint_without_heads(tiny_llava, tmp_path):
     assert p.returncode != 0 and "vlm_preserve_heads.safetensors is missing" in p.stderr
 
 
-def test_lora_path_keeps_heads_out_of_non_lora_trainables(tiny_llava, tmp_path):
+@pytest.mark.parametrize("reg", ["rdd,pre", "soft_label"])
+def test_lora_path_keeps_heads_out_of_non_lora_trainables(tiny_llava, tmp_path, reg):
     out = tmp_path / "lora"
     run_entry("plugin", tiny_llava.train_args(out, lora_enable="True", lora_r=4, lora_alpha=8, lora_bias="all")
-              + ["--regularizer", "rdd,pre"])
+              + ["--regularizer", reg])
     rows = step_rows(out)
-    assert all(math.isfinite(r["pre_loss"]) and math.isfinite(r["rdd_loss"]) for r in rows)
+    assert len(rows) == 4 and all(math.isfinite(r[k]) for r in rows for k in TERMS[reg])
     non_lora = torch.load(out / "non_lora_trainables.bin", map_location="cpu")
     assert any("mm_projector" in k for k in non_lora)
     assert not any("vlm_preserve" in k for k in non_lora)
@@ -139,11 +140,12 @@ def test_lora_path_keeps_heads_out_of_non_lora_trainables(tiny_llava, tmp_path):
     assert adapter and any("lora_" in k for k in adapter) and not any("vlm_preserve" in k for k in adapter)
 
 
-def test_projector_pretraining_path(tiny_llava, tmp_path):
+@pytest.mark.parametrize("reg", ["rdd,pre", "soft_label"])
+def test_projector_pretraining_path(tiny_llava, tmp_path, reg):
     out = tmp_path / "pretrain"
-    run_entry("plugin", tiny_llava.train_args(out, tune_mm_mlp_adapter="True") + ["--regularizer", "rdd,pre"])
+    run_entry("plugin", tiny_llava.train_args(out, tune_mm_mlp_adapter="True") + ["--regularizer", reg])
     rows = step_rows(out)
-    assert len(rows) == 4 and all(math.isfinite(r["rdd_loss"]) and math.isfinite(r["pre_loss"]) for r in rows)
+    assert len(rows) == 4 and all(math.isfinite(r[k]) for r in rows for k in TERMS[reg])
     saved = torch.load(out / "mm_projector.bin", map_location="cpu")
     assert saved and all("mm_projector" in k for k in saved)
 
