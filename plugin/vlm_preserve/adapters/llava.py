@@ -32,14 +32,14 @@ def model_dims(model) -> dict:
             "vision_hidden_size": getattr(cfg, "mm_hidden_size", None)}
 
 
-def is_projector_param(name: str) -> bool:
-    return "mm_projector" in name
+def llm_modules(model) -> list:
+    llava = find_llava(model)
+    inner = llava.get_model()
+    return [inner.embed_tokens, inner.layers, inner.norm, llava.lm_head]
 
 
-def is_llm_param(name: str) -> bool:
-    if "mm_projector" in name or "vision_tower" in name or "vlm_preserve" in name:
-        return False
-    return any(s in name for s in ("embed_tokens", ".layers.", ".norm.", "lm_head"))
+def projector_modules(model) -> list:
+    return [find_llava(model).get_model().mm_projector]
 
 
 def features_in_mask_order(features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     with Patches() as patches:
         if names:
             from ..adapters import llava as adapter
-            from ..trainer import preserving_trainer_class, without_heads
+            from ..attach import without_heads
+            from ..trainer import preserving_trainer_class
             patches.setattr(upstream, "LLaVATrainer", preserving_trainer_class(upstream.LLaVATrainer, configs, adapter))
             adapter.allow_numpy_rng_state(patches)
             for fn in ("get_peft_state_maybe_zero_3", "get_peft_state_non_lora_maybe_zero_3"):

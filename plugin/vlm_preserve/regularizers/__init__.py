@@ -83,8 +83,8 @@ class Preserver:
     def active(self) -> bool:
         return bool(self.names)
 
-    def apply_attention_tuning(self, named_params, is_llm, is_projector):
-        return apply_attention_tuning(named_params, is_llm, is_projector) if self.attention_tuning else None
+    def apply_attention_tuning(self, llm_modules, projector_modules) -> dict:
+        return apply_attention_tuning(llm_modules, projector_modules) if self.attention_tuning else {}
 
     def total_loss(self, lm_loss: torch.Tensor, cap: StepCapture) -> tuple[torch.Tensor, dict]:
         """total = (LM loss, or its soft-label replacement) + Σ weight·term; terms returned detached,

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import re
 
-_ATTN = re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj|qkv_proj|dense|Wqkv|out_proj)\.")
+_ATTN = re.compile(r"(^|\.)(self_attn|attention|attn)\.(q_proj|k_proj|v_proj|o_proj|qkv_proj|dense|Wqkv|out_proj)\.")
 
 
 def is_attention_projection(name: str) -> bool:
     return bool(_ATTN.search(name))
 
 
-def apply_attention_tuning(named_params, is_llm, is_projector) -> list[str]:
-    """Set requires_grad on (name, param) pairs; returns the names left trainable."""
-    trainable = []
-    for name, p in named_params:
-        if is_projector(name):
+def apply_attention_tuning(llm_modules, projector_modules) -> dict:
+    """Set requires_grad; returns {param: previous requires_grad} so the change can be undone."""
+    previous = {}
+    for module in llm_modules:
+        for name, p in module.named_parameters():
+            previous.setdefault(p, p.requires_grad)
+            p.requires_grad_(is_attention_projection("." + name))
+    for module in projector_modules:
+        for p in module.parameters():
+            previous.setdefault(p, p.requires_grad)
             p.requires_grad_(True)
-        elif is_llm(name):
-            p.requires_grad_(is_attention_projection(name))
-        if p.requires_grad:
-            trainable.append(name)
-    return trainable
+    return previous

@@ -1,0 +1,81 @@
+"""Attach the regularizers to a model: the framework-free core every integration goes through.
+
+    att = Attachment(model, configs, adapter)        # heads added, capture installed
+    out = model(**batch, **att.forward_kwargs())
+    loss, logs = att.total_loss(out["loss"], out)
+    att.detach()                                       # model back as it was
+
+Training-only heads live under `model.vlm_preserve_heads` (so optimizers, DeepSpeed and DDP see them) and
+are dropped from `model.save_pretrained` while attached.
+"""
+from __future__ import annotations
+
+import torch
+
+from .patching import Patches
+from .regularizers import HEADS_PREFIX, Preserver
+
+
+def is_head_key(name: str) -> bool:
+    return name.startswith(HEADS_PREFIX + ".") or f".{HEADS_PREFIX}." in name
+
+
+def without_heads(state_dict: dict) -> dict:
+    return {k: v for k, v in state_dict.items() if not is_head_key(k)}
+
+
+class _Slot:
+    """Where the adapter's capture lands during one forward."""
+    def __init__(self):
+        self.capture = None
+
+
+class Attachment:
+    def __init__(self, model: torch.nn.Module, configs: dict, adapter):
+        self.model, self.adapter = model, adapter
+        self.preserver = Preserver(configs, **adapter.model_dims(model))
+        self.patches = Patches()
+        heads = self.preserver.heads
+        if len(heads):
+            emb = model.get_input_embeddings().weight
+            heads.to(device=emb.device, dtype=emb.dtype)
+            model.add_module(HEADS_PREFIX, heads)
+            self.patches.call_on_undo(lambda: delattr(model, HEADS_PREFIX))
+            original_save = model.save_pretrained
+
+            def save_pretrained(*args, state_dict=None, **kwargs):
+                return original_save(*args, state_dict=without_heads(state_dict if state_dict is not None
+                                                                     else model.state_dict()), **kwargs)
+            self.patches.setattr(model, "save_pretrained", save_pretrained)
+        previous = self.preserver.apply_attention_tuning(adapter.llm_modules(model), adapter.projector_modules(model))
+        self.patches.call_on_undo(lambda: [p.requires_grad_(v) for p, v in previous.items()])
+        self.slot = _Slot()
+        capture = adapter.install_capture(model, self.slot, visual_features=self.preserver.needs_visual_features)
+        self.patches.call_on_undo(capture.undo)
+
+    @property
+    def heads(self) -> torch.nn.ModuleDict:
+        return self.preserver.heads
+
+    def forward_kwargs(self) -> dict:
+        return {"output_hidden_states": True} if self.preserver.hidden_layers else {}
+
+    def total_loss(self, lm_loss: torch.Tensor, outputs, step_seed: int = 0) -> tuple[torch.Tensor, dict]:
+        """LM loss + weighted terms from the capture the last forward left; returns (total, raw terms)."""
+        cap, self.slot.capture = self.slot.capture, None
+        if cap is None:
+            raise RuntimeError("vlm-preserve: the last forward left no capture (no image input reached the model's "
+                               "multimodal path, or the model was called outside the attached module).")
+        if self.preserver.hidden_layers:
+            hs = outputs.get("hidden_states") if isinstance(outputs, dict) else None
+            if hs is None:
+                raise RuntimeError("vlm-preserve: PRe needs the model's hidden_states; call the model with "
+                                   "output_hidden_states=True (Attachment.forward_kwargs()).")
+            cap.hidden_states = hs
+        if self.preserver.needs_logits:
+            cap.logits = outputs["logits"]
+        cap.step_seed = step_seed
+        return self.preserver.total_loss(lm_loss, cap)
+
+    def detach(self) -> None:
+        self.patches.undo()
