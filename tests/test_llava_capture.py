@@ -22,7 +22,7 @@ def configs(regularizer, **kw):
 def step(model, batch, regularizer, *, hidden=False, **kw):
     """One forward through the patched model; returns (capture, preserver, total, logs)."""
     from vlm_preserve.adapters import llava as adapter
-    from vlm_preserve.attach import _Slot
+    from vlm_preserve.attachment import _Slot
     slot = _Slot()
     preserver = Preserver(configs(regularizer, **kw), **adapter.model_dims(model))
     with adapter.install_capture(model, slot, visual_features=preserver.needs_visual_features):
@@ -58,7 +58,7 @@ def test_capture_is_invisible_to_upstream(tiny_llava):
     args = (batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])
     ref = model.prepare_inputs_labels_for_multimodal(*args)
     from vlm_preserve.adapters import llava as adapter
-    from vlm_preserve.attach import _Slot
+    from vlm_preserve.attachment import _Slot
     with adapter.install_capture(model, _Slot()):
         got = model.prepare_inputs_labels_for_multimodal(*args)
     assert "prepare_inputs_labels_for_multimodal" not in vars(model)  # undone

@@ -1,6 +1,23 @@
 """vlm-preserve-plugin: keep a VLM's language ability (and its visual representations) during
 vision-language instruction tuning, inside the training codebases people already use.
 
-Import stays light (no torch) so the console scripts answer `--help` at once.
+    from vlm_preserve import attach, RDDConfig, PReConfig, GenericAdapter
+
+Import stays light (torch loads on first use of an attribute) so the console scripts answer `--help` at once.
 """
 __version__ = "0.1.0"
+
+_LAZY = {
+    "attach": "api", "detach": "api", "make_configs": "api", "TrainerHandle": "api",
+    "Attachment": "attachment", "GenericAdapter": "adapters.generic", "Preserver": "regularizers",
+    "RDDConfig": "regularizers.rdd", "PReConfig": "regularizers.pre", "SoftLabelConfig": "regularizers.soft_label",
+    "PreserveArguments": "config", "ConfigError": "config", "StepCapture": "capture",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'vlm_preserve' has no attribute {name!r}")

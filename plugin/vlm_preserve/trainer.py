@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .attach import Attachment, without_heads
+from .attachment import Attachment, without_heads
 
 HEADS_FILE = "vlm_preserve_heads.safetensors"
 

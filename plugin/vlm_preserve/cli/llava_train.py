@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     with Patches() as patches:
         if names:
             from ..adapters import llava as adapter
-            from ..attach import without_heads
+            from ..attachment import without_heads
             from ..trainer import preserving_trainer_class
             patches.setattr(upstream, "LLaVATrainer", preserving_trainer_class(upstream.LLaVATrainer, configs, adapter))
             adapter.allow_numpy_rng_state(patches)

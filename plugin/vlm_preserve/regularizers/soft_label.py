@@ -59,4 +59,7 @@ class SoftLabel:
         self.weight = 1.0
 
     def loss(self, cap: StepCapture) -> tuple[torch.Tensor, bool]:
+        if cap.labels is None or cap.logits is None:
+            raise RuntimeError("vlm-preserve: soft_label needs the batch's labels and the model's logits; the model "
+                               "was called without labels (a compute_loss_func pops them): use one or the other.")
         return soft_label_loss(cap.logits, cap.labels, self.cfg.soft_label_variant, self.cfg.soft_label_alpha), True

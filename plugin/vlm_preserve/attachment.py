@@ -37,8 +37,8 @@ class Attachment:
         self.patches = Patches()
         heads = self.preserver.heads
         if len(heads):
-            emb = model.get_input_embeddings().weight
-            heads.to(device=emb.device, dtype=emb.dtype)
+            ref = next(adapter.llm_modules(model)[0].parameters())  # the embedding: the LLM's dtype and device
+            heads.to(device=ref.device, dtype=ref.dtype)
             model.add_module(HEADS_PREFIX, heads)
             self.patches.call_on_undo(lambda: delattr(model, HEADS_PREFIX))
             original_save = model.save_pretrained

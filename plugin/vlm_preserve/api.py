@@ -1,0 +1,70 @@
+"""Python API: attach the regularizers to a `transformers.Trainer` (any subclass) or to a model, and detach.
+
+    from vlm_preserve import attach, RDDConfig, PReConfig
+    handle = attach(trainer, "rdd,pre", rdd=RDDConfig(rdd_weight=0.5), pre=PReConfig(pre_layer="12"))
+    trainer.train()
+    handle.detach()                      # the trainer and model are back as they were
+
+The config objects are the ones the CLI flags are generated from (one definition each). Attach before
+`trainer.train()` creates the optimizer, so PRe's head is trained.
+"""
+from __future__ import annotations
+
+from .adapters import resolve_adapter
+from .attachment import Attachment
+from .config import PreserveArguments
+from .regularizers import PReConfig, RDDConfig, SoftLabelConfig, validate
+
+
+def make_configs(regularizer: str = "none", *, rdd: RDDConfig | None = None, pre: PReConfig | None = None,
+                 soft_label: SoftLabelConfig | None = None) -> dict:
+    configs = {PreserveArguments: PreserveArguments(regularizer=regularizer), RDDConfig: rdd or RDDConfig(),
+               PReConfig: pre or PReConfig(), SoftLabelConfig: soft_label or SoftLabelConfig()}
+    validate(configs)  # options of a term that is not enabled are an error, as on the command line
+    return configs
+
+
+class TrainerHandle:
+    """What `attach(trainer, ...)` returns: the trainer, with `detach()` restoring its class and model."""
+
+    def __init__(self, trainer, original_class):
+        self.trainer, self._original = trainer, original_class
+
+    @property
+    def attachment(self) -> Attachment:
+        return self.trainer._vp
+
+    def detach(self) -> None:
+        t = self.trainer
+        t._vp.detach()
+        t.__class__ = self._original
+        for name in ("_vp", "preserver", "_vp_logs", "_vp_micro"):
+            t.__dict__.pop(name, None)
+
+
+def attach(target, regularizer: str = "rdd", *, rdd: RDDConfig | None = None, pre: PReConfig | None = None,
+           soft_label: SoftLabelConfig | None = None, adapter=None):
+    """Attach to a Trainer (returns a TrainerHandle) or to a model (returns an Attachment)."""
+    configs = make_configs(regularizer, rdd=rdd, pre=pre, soft_label=soft_label)
+    try:
+        from transformers import Trainer
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        Trainer = ()
+    if isinstance(target, Trainer):
+        from .trainer import preserving_trainer_class
+        original = type(target)
+        if hasattr(target, "_vp"):
+            raise RuntimeError("vlm-preserve: this trainer already has regularizers attached; detach first.")
+        adapter = resolve_adapter(target.model, adapter)
+        target.__class__ = preserving_trainer_class(original, configs, adapter)
+        try:
+            target._vp_setup(configs, adapter)
+        except Exception:
+            target.__class__ = original
+            raise
+        return TrainerHandle(target, original)
+    return Attachment(target, configs, resolve_adapter(target, adapter))
+
+
+def detach(handle) -> None:
+    handle.detach()

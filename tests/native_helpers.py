@@ -1,0 +1,94 @@
+"""Tiny random transformers-native VLMs built offline from configs, and batches placing image tokens the
+way the processors do (one token per visual feature, counted from the model's own get_image_features)."""
+import torch
+
+KINDS = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+IMG, VID, VSTART, VEND, PAD = 299, 298, 297, 296, 0
+TEXT = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD)
+VISION = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+PINPOINTS = [[32, 32], [32, 64], [64, 32]]
+
+
+def build(kind: str, seed: int = 0):
+    import transformers as T
+    torch.manual_seed(seed)
+    if kind == "llava":
+        cfg = T.LlavaConfig(text_config=T.LlamaConfig(**TEXT), vision_config=T.CLIPVisionConfig(**VISION),
+                            image_token_id=IMG)
+        return T.LlavaForConditionalGeneration(cfg)
+    if kind == "llava_next":
+        cfg = T.LlavaNextConfig(text_config=T.LlamaConfig(**TEXT), vision_config=T.CLIPVisionConfig(**VISION),
+                                image_token_id=IMG, image_grid_pinpoints=PINPOINTS)
+        return T.LlavaNextForConditionalGeneration(cfg)
+    if kind == "llava_onevision":
+        cfg = T.LlavaOnevisionConfig(text_config=T.Qwen2Config(**TEXT), vision_config=T.SiglipVisionConfig(**VISION),
+                                     image_token_id=IMG, video_token_id=VID, image_grid_pinpoints=PINPOINTS)
+        return T.LlavaOnevisionForConditionalGeneration(cfg)
+    text = dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})
+    vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, out_hidden_size=32, intermediate_size=48,
+                  spatial_merge_size=2, patch_size=4, temporal_patch_size=2, in_chans=3)
+    ids = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+    if kind == "qwen2_vl":
+        return T.Qwen2VLForConditionalGeneration(T.Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
+    if kind == "qwen2_5_vl":
+        vision = dict(vision, fullatt_block_indexes=[1], window_size=16)
+        return T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+    raise ValueError(kind)
+
+
+def _images(kind: str, n: int, g):
+    if kind in ("llava",):
+        return {"pixel_values": torch.randn(n, 3, 32, 32, generator=g)}
+    if kind in ("llava_next", "llava_onevision"):
+        sizes = torch.tensor([[32, 64], [64, 32], [32, 32]][:n] * (n // 3 + 1))[:n]
+        return {"pixel_values": torch.randn(n, 3, 3, 32, 32, generator=g), "image_sizes": sizes}
+    grid = torch.tensor([[1, 4, 4]] * n)
+    return {"pixel_values": torch.randn(n * 16, 3 * 2 * 4 * 4, generator=g), "image_grid_thw": grid}
+
+
+def image_features(model, kind: str, images: dict) -> torch.Tensor:
+    """What the model inserts for these images, from its own get_image_features: (n_tokens, d)."""
+    with torch.no_grad():
+        out = model.model.get_image_features(**images)
+    feats = getattr(out, "pooler_output", out)
+    return torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
+
+
+def make_batch(model, kind: str, *, text_only: bool = False, seed: int = 0, batch: int = 3) -> dict:
+    """`batch` samples: with images, sample 0 gets one image, sample 1 none (text-only), sample 2 one image;
+    right padding; labels -100 at image and padding positions."""
+    g = torch.Generator().manual_seed(seed)
+    has_image = [False] * batch if text_only else [i % 2 == 0 for i in range(batch)]
+    n_img = sum(has_image)
+    images = _images(kind, n_img, g) if n_img else {}
+    counts = []
+    if n_img:
+        feats_per_image = []
+        for i in range(n_img):
+            one = {k: v[i:i + 1] if k != "pixel_values" or kind not in ("qwen2_vl", "qwen2_5_vl")
+                   else v[16 * i:16 * (i + 1)] for k, v in images.items()}
+            feats_per_image.append(image_features(model, kind, one).shape[0])
+        counts = feats_per_image
+    rows, k = [], 0
+    for b in range(batch):
+        pre = torch.randint(5, 290, (3 + b,), generator=g).tolist()
+        post = torch.randint(5, 290, (6 + 2 * b,), generator=g).tolist()
+        mid = []
+        if has_image[b]:
+            img = [IMG] * counts[k]
+            k += 1
+            mid = [VSTART] + img + [VEND] if kind.startswith("qwen") else img
+        rows.append(pre + mid + post)
+    L = max(map(len, rows))
+    ids = torch.full((batch, L), PAD)
+    attn = torch.zeros(batch, L, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r)
+        attn[b, :len(r)] = 1
+    labels = ids.clone()
+    labels[(ids == IMG) | (attn == 0)] = -100
+    out = {"input_ids": ids, "attention_mask": attn, "labels": labels, **images}
+    if kind.startswith("qwen") and n_img:  # the processor's modality ids, which M-RoPE needs
+        out["mm_token_type_ids"] = (ids == IMG).long()
+    return out

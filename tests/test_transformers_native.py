@@ -1,0 +1,178 @@
+"""transformers-native VLMs (5.x layout) through the Python API: image masks against where the model put
+the image features, gradients, invisibility when detached, gradient checkpointing, text-only batches, and
+the Trainer path (terms logged, heads in checkpoints, resume, clean save_pretrained)."""
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
+    pytest.skip("needs transformers >= 4.52 (the transformers-native environment)", allow_module_level=True)
+
+from native_helpers import KINDS, build, image_features, make_batch  # noqa: E402
+from vlm_preserve import ConfigError, GenericAdapter, PReConfig, attach  # noqa: E402
+from vlm_preserve.adapters import transformers_native as native  # noqa: E402
+
+
+def image_inputs(batch):
+    return {k: v for k, v in batch.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
+
+
+def forward(model, batch, att=None):
+    out = model(**batch, **(att.forward_kwargs() if att else {}))
+    return out, (att.total_loss(out.loss, out) if att else (out.loss, {}))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_image_mask_is_where_the_model_placed_the_image_features(kind):
+    model = build(kind)
+    batch = make_batch(model, kind)
+    att = attach(model, "rdd")
+    model(**batch)
+    cap = att.slot.capture
+    torch.testing.assert_close(cap.visual_embeds(), image_features(model, kind, image_inputs(batch)))
+    ids, attn = batch["input_ids"], batch["attention_mask"].bool()
+    text = ids[attn & (ids != 299)]
+    with torch.no_grad():
+        ref = native.language_model(model).embed_tokens(text)
+    torch.testing.assert_close(cap.text_embeds(), ref)
+    att.detach()
+
+
+def nonzero(p):
+    return p.grad is not None and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_reach_the_intended_modules(kind):
+    model = build(kind)
+    batch = make_batch(model, kind)
+    lm, proj = native.language_model(model), native.projector(model)
+    att = attach(model, "rdd,pre", pre=PReConfig(pre_layer="1"))
+    rdd, pre = att.preserver.terms
+    model(**batch, **att.forward_kwargs())
+    cap = att.slot.capture
+    cap.hidden_states = model(**batch, output_hidden_states=True).hidden_states
+    model.zero_grad(set_to_none=True)
+    rdd.loss(cap)[0].backward(retain_graph=True)
+    assert all(nonzero(p) for p in proj.parameters() if p.requires_grad)
+    assert nonzero(lm.embed_tokens.weight)
+    assert not any(nonzero(p) for p in lm.layers.parameters())
+    model.zero_grad(set_to_none=True)
+    pre.loss(cap)[0].backward()
+    for k, layer in enumerate(lm.layers):
+        assert any(nonzero(p) for p in layer.parameters()) == (k <= 1), k
+    assert all(nonzero(p) for p in att.heads.parameters())
+    att.detach()
+
+
+def grads_and_loss(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_detached_and_disabled_are_plain_transformers_bit_for_bit(kind):
+    model = build(kind)
+    batch = make_batch(model, kind)
+    ref_loss, ref_grads = grads_and_loss(model, batch)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    attach(model, "rdd,pre,attention_tuning").detach()
+    assert not hasattr(model, "vlm_preserve_heads") and all(p.requires_grad for p in model.parameters())
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert "save_pretrained" not in vars(model)
+    loss, grads = grads_and_loss(model, batch)
+    assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys()
+    assert all(torch.equal(grads[k], ref_grads[k]) for k in grads)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ConfigError, match="unknown term"):
+        attach(model, "rdd,bogus")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_checkpointing_on_equals_off(kind):
+    results = []
+    for gc in (False, True):
+        model = build(kind)
+        model.train()
+        if gc:
+            model.gradient_checkpointing_enable()
+        batch = make_batch(model, kind)
+        att = attach(model, "rdd,pre")
+        out, (total, logs) = forward(model, batch, att)
+        model.zero_grad(set_to_none=True)
+        total.backward()
+        results.append(({k: v.item() for k, v in logs.items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    assert l0 == pytest.approx(l1, rel=1e-5) and g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_text_only_batch_runs_the_zero_weighted_path(kind):
+    model = build(kind)
+    batch = make_batch(model, kind, text_only=True)
+    att = attach(model, "rdd,pre")
+    out, (total, logs) = forward(model, batch, att)
+    assert logs["rdd_loss"] is None and logs["pre_loss"] is None
+    assert total.item() == pytest.approx(out.loss.item(), rel=1e-6)
+    total.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in att.heads.parameters())
+
+
+def test_pre_proj_anchor_on_llava_and_a_clear_refusal_elsewhere():
+    model = build("llava")
+    batch = make_batch(model, "llava")
+    att = attach(model, "pre", pre=PReConfig(pre_anchor="pre_proj"))
+    model(**batch, **att.forward_kwargs())
+    feats = att.slot.capture.visual_features
+    vt = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:]
+    torch.testing.assert_close(feats, vt.reshape(-1, vt.shape[-1]))
+    att.detach()
+    with pytest.raises(ConfigError, match="pre_proj is supported for LlavaForConditionalGeneration only"):
+        attach(build("qwen2_vl"), "pre", pre=PReConfig(pre_anchor="pre_proj"))
+
+
+def test_unsupported_model_names_the_supported_classes_and_the_generic_adapter():
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                                                num_hidden_layers=2, num_attention_heads=2))
+    with pytest.raises(ConfigError) as e:
+        attach(lm, "rdd")
+    msg = str(e.value)
+    assert "LlamaForCausalLM" in msg and "Qwen2_5_VLForConditionalGeneration" in msg and "GenericAdapter" in msg
+
+
+def test_generic_adapter_pointed_at_a_missing_module_names_what_exists():
+    model = build("llava")
+    bad = GenericAdapter(embed="model.language_model.embed_tokens", projector="model.mm_projector",
+                         layers="model.language_model.layers", image_token_id=299)
+    with pytest.raises(ConfigError) as e:
+        attach(model, "rdd", adapter=bad)
+    msg = str(e.value)
+    assert "'model.mm_projector'" in msg and "multi_modal_projector" in msg and "language_model" in msg
+    with pytest.raises(ConfigError, match="exactly one of image_token_id"):
+        GenericAdapter(embed="a", projector="b", layers="c")
+
+
+def test_old_layout_paths_resolve():
+    """transformers <= 4.51 put language_model (a CausalLM) and the projector at the top level."""
+    class OldLlava(torch.nn.Module):
+        pass
+    OldLlava.__name__ = "LlavaForConditionalGeneration"
+    new = build("llava")
+    old = OldLlava()
+    old.config = new.config
+    old.vision_tower = new.model.vision_tower
+    old.multi_modal_projector = new.model.multi_modal_projector
+    causal = torch.nn.Module()
+    causal.model = new.model.language_model
+    causal.lm_head = new.lm_head
+    old.language_model = causal
+    assert native.language_model(old) is new.model.language_model
+    assert native.projector(old) is new.model.multi_modal_projector
+    assert native.llm_modules(old)[1] is new.lm_head
