@@ -60,20 +60,24 @@ class Attachment:
     def forward_kwargs(self) -> dict:
         return {"output_hidden_states": True} if self.preserver.hidden_layers else {}
 
-    def total_loss(self, lm_loss: torch.Tensor, outputs, step_seed: int = 0) -> tuple[torch.Tensor, dict]:
-        """LM loss + weighted terms from the capture the last forward left; returns (total, raw terms)."""
+    def begin_step(self) -> None:
+        """Forget any capture: the next forward of the model is the one the terms are computed from."""
+        self.slot.capture = None
+
+    def total_loss(self, lm_loss: torch.Tensor, outputs=None, step_seed: int = 0) -> tuple[torch.Tensor, dict]:
+        """LM loss + weighted terms from the first forward since the last call; returns (total, raw terms).
+
+        Hidden states and logits come from the capture (the adapter hooks the modules that produce them),
+        so trainers whose loss path runs extra forwards (TRL's metrics pass) still use the gradient-carrying one."""
         cap, self.slot.capture = self.slot.capture, None
         if cap is None:
             raise RuntimeError("vlm-preserve: the last forward left no capture (no image input reached the model's "
                                "multimodal path, or the model was called outside the attached module).")
-        if self.preserver.hidden_layers:
-            hs = outputs.get("hidden_states") if isinstance(outputs, dict) else None
-            if hs is None:
-                raise RuntimeError("vlm-preserve: PRe needs the model's hidden_states; call the model with "
-                                   "output_hidden_states=True (Attachment.forward_kwargs()).")
-            cap.hidden_states = hs
-        if self.preserver.needs_logits:
-            cap.logits = outputs["logits"]
+        if outputs is not None:
+            cap.take_outputs(outputs)
+        if self.preserver.hidden_layers and cap.hidden_states is None:
+            raise RuntimeError("vlm-preserve: PRe needs the model's hidden_states; call the model with "
+                               "output_hidden_states=True (Attachment.forward_kwargs()).")
         cap.step_seed = step_seed
         return self.preserver.total_loss(lm_loss, cap)
 

@@ -25,6 +25,17 @@ class StepCapture:
     step_seed: int = 0
     extra: dict = field(default_factory=dict)
 
+    def take_outputs(self, output) -> None:
+        """Keep hidden_states / logits from a module output (first one that has them wins); a bare tensor
+        is the LM head's output, i.e. the logits."""
+        if torch.is_tensor(output):
+            output = {"logits": output}
+        get = output.get if isinstance(output, dict) else (lambda k: getattr(output, k, None))
+        if self.hidden_states is None and get("hidden_states") is not None:
+            self.hidden_states = get("hidden_states")
+        if self.logits is None and get("logits") is not None:
+            self.logits = get("logits")
+
     @property
     def text_mask(self) -> torch.Tensor:
         return self.attention_mask & ~self.image_mask

@@ -45,8 +45,10 @@ class PreservingMixin:
             inputs = {**inputs, **extra}
         if num_items_in_batch is not None:
             kwargs["num_items_in_batch"] = num_items_in_batch
-        lm_loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
-        loss, logs = self._vp.total_loss(lm_loss, outputs, step_seed=self._step_seed())
+        self._vp.begin_step()
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        lm_loss, outputs = result if return_outputs else (result, None)
+        loss, logs = self._vp.total_loss(lm_loss, step_seed=self._step_seed())
         # Where the trainer does not divide by gradient accumulation (its loss is already normalised over the
         # accumulated batch), the per-micro-batch terms are divided here, so a term weighs the same either way.
         scaled, lm_scale = self._vp_ga_scaled(num_items_in_batch)

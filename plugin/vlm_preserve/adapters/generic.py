@@ -75,6 +75,7 @@ class GenericAdapter:
 
         def on_model(module, args, kwargs):
             seen.clear()
+            seen["done"] = slot.capture is not None  # only the step's first forward is captured
             if key is not None:
                 if key not in kwargs:
                     raise RuntimeError(f"vlm-preserve: the batch has no {key!r} (GenericAdapter.image_mask_key).")
@@ -114,10 +115,16 @@ class GenericAdapter:
                 if x is not None and feats.shape[0] != int((mask & attn).sum()):
                     raise RuntimeError(f"vlm-preserve: {int((mask & attn).sum())} image positions but "
                                        f"{feats.shape[0]} projector input rows; pre_anchor=pre_proj cannot pair them.")
-            slot.capture = StepCapture(inputs_embeds=hidden, image_mask=mask & attn, attention_mask=attn,
-                                       labels=seen.get("labels"), visual_features=feats)
+            slot.capture = seen["capture"] = StepCapture(inputs_embeds=hidden, image_mask=mask & attn,
+                                                         attention_mask=attn, labels=seen.get("labels"),
+                                                         visual_features=feats)
+
+        def keep_outputs(module, args, output):
+            if seen.get("capture") is not None and seen["capture"] is slot.capture:
+                seen["capture"].take_outputs(output)
 
         patches.add_hook(model.register_forward_pre_hook(on_model, with_kwargs=True))
+        patches.add_hook(model.register_forward_hook(keep_outputs))
         patches.add_hook(resolve(model, self.layers)[0].register_forward_pre_hook(on_first_layer, with_kwargs=True))
         if visual_features:
             patches.add_hook(resolve(model, self.projector).register_forward_pre_hook(on_projector))

@@ -76,6 +76,8 @@ def install_capture(model, slot, *, visual_features: bool = False) -> Patches:
         patches.add_hook(llava.get_model().mm_projector.register_forward_pre_hook(keep_input))
 
     def prepare(input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None):
+        if slot.capture is not None:  # the step's first forward is captured; later ones (metrics, eval) are not
+            return original(input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes)
         seen.clear()
         ids = input_ids.clone()  # kept for feature ordering (Bunny's variant mutates input_ids)
         attn_in = attention_mask if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
@@ -95,12 +97,19 @@ def install_capture(model, slot, *, visual_features: bool = False) -> Patches:
                 raise RuntimeError("vlm-preserve: pre_anchor=pre_proj supports batches of single images "
                                    "(image_aspect_ratio pad/square); use --pre_anchor pre_llm for anyres.")
             feats = features_in_mask_order(x, ids, attn_in.bool(), image_mask)
-        slot.capture = StepCapture(inputs_embeds=embeds, image_mask=image_mask, attention_mask=attn_b,
-                                   labels=new_labels, visual_features=feats)
+        slot.capture = seen["capture"] = StepCapture(inputs_embeds=embeds, image_mask=image_mask,
+                                                     attention_mask=attn_b, labels=new_labels, visual_features=feats)
         return (out_ids, pos, attn if attention_mask is not None else None, pkv, embeds,
                 new_labels if labels is not None else None)
 
+    def keep_outputs(module, args, output):
+        if seen.get("capture") is not None and seen["capture"] is slot.capture:
+            seen["capture"].take_outputs(output)
+
     patches.setattr(llava, "prepare_inputs_labels_for_multimodal", prepare)
+    patches.add_hook(llava.get_model().register_forward_hook(keep_outputs))  # hidden_states
+    # logits from the LM head module: PEFT calls the model's forward directly, bypassing its hooks
+    patches.add_hook(llava.lm_head.register_forward_hook(keep_outputs))
     return patches
 
 

@@ -103,6 +103,9 @@ def install_capture(model, slot, *, visual_features: bool = False) -> Patches:
     patches, seen = Patches(), {}
 
     def on_vlm(module, args, kwargs):
+        if slot.capture is not None:  # the step's first forward is captured; later ones (metrics, eval) are not
+            seen.clear()
+            return
         seen.clear()
         seen["input_ids"] = kwargs.get("input_ids", args[0] if args else None)
         seen["attention_mask"] = kwargs.get("attention_mask")
@@ -114,7 +117,7 @@ def install_capture(model, slot, *, visual_features: bool = False) -> Patches:
     def on_lm(module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
         ids = seen.get("input_ids")
-        if embeds is None or ids is None:
+        if embeds is None or ids is None or slot.capture is not None:
             return  # no capture: total_loss says so
         if ids.shape != embeds.shape[:2]:
             raise RuntimeError(f"vlm-preserve: input_ids {tuple(ids.shape)} do not align with the language model's "
@@ -134,10 +137,19 @@ def install_capture(model, slot, *, visual_features: bool = False) -> Patches:
                                    "projector input rows; pre_anchor=pre_proj cannot pair them.")
         elif visual_features:
             feats = embeds.new_zeros(0, model_dims(model)["vision_hidden_size"])
-        slot.capture = StepCapture(inputs_embeds=embeds, image_mask=image_mask, attention_mask=attn,
-                                   labels=seen.get("labels"), visual_features=feats)
+        slot.capture = seen["capture"] = StepCapture(inputs_embeds=embeds, image_mask=image_mask,
+                                                     attention_mask=attn, labels=seen.get("labels"),
+                                                     visual_features=feats)
+
+    def keep_outputs(module, args, output):
+        if seen.get("capture") is not None and seen["capture"] is slot.capture:
+            seen["capture"].take_outputs(output)
 
     patches.add_hook(vlm.register_forward_pre_hook(on_vlm, with_kwargs=True))
+    patches.add_hook(language_model(model).register_forward_hook(keep_outputs))  # hidden_states
+    head = llm_modules(model)[-1]
+    if head is not language_model(model):  # logits; TRL's fused LM head never calls it (soft_label then says so)
+        patches.add_hook(head.register_forward_hook(keep_outputs))
     patches.add_hook(language_model(model).register_forward_pre_hook(on_lm, with_kwargs=True))
     if visual_features:
         patches.add_hook(projector(model).register_forward_pre_hook(on_projector))

@@ -60,6 +60,7 @@ class SoftLabel:
 
     def loss(self, cap: StepCapture) -> tuple[torch.Tensor, bool]:
         if cap.labels is None or cap.logits is None:
-            raise RuntimeError("vlm-preserve: soft_label needs the batch's labels and the model's logits; the model "
-                               "was called without labels (a compute_loss_func pops them): use one or the other.")
+            raise RuntimeError("vlm-preserve: soft_label needs the batch's labels and the full logits; this loss path "
+                               "has none (a compute_loss_func pops the labels; TRL's fused LM head builds no logits). "
+                               "Use soft_label with a plain loss path, or the trainer's own label smoothing.")
         return soft_label_loss(cap.logits, cap.labels, self.cfg.soft_label_variant, self.cfg.soft_label_alpha), True
