@@ -1,21 +1,12 @@
-"""Overhead of the RDD and PRe terms: step time and peak memory.   See docs/benchmarks.md.
+"""Overhead of the RDD and PRe terms: step time and peak memory (method and results: docs/benchmarks.md).
 
     PYTHONPATH=plugin python benchmarks/bench_overhead.py [--quick] [--json PATH] [--skip a|b]
 
-Part A, CPU reference shape, end to end: upstream LLaVA train() on a widened tiny fixture, plain upstream and
-`llava-train --regularizer none|rdd|pre|rdd,pre`, each run a fresh subprocess, configs interleaved over
-repeats (order alternating). Step time: on_step_begin -> on_step_end (forward, backward, optimizer; no data
-loading, no logging), median over the steps after warm-up, then median over repeats. Memory: the process's
-peak RSS, and the rise of the peak during training over the RSS at train begin.
-
-Part B, LLaVA-1.5-7B shape, the terms alone on CPU (fresh subprocess each): RDD (`subsample` to the default
-cap per modality, `mmd2` with the default kernel and block) and PRe (`PReHead(d, d)` + `pre_loss`), forward +
-backward on random tensors. Time: fp32, median over reps after a warm-up pass. Memory: rise of the peak RSS
-(VmHWM, reset first) over the RSS before one forward+backward, inputs already allocated, code paths warmed on
-a small slice, glibc told to mmap every buffer >= 64 KiB so that freed memory leaves RSS; fp32 and bf16
-inputs (bf16 = the training dtype; mmd2 casts to fp32 itself). Compared with an *estimated* 7B step: FLOPs =
-6*P*tokens + attention, time = FLOPs / this CPU's fp32 GEMM rate measured in the same run; per-GPU memory =
-a lower bound (ZeRO-3 model states on 8 GPUs + checkpointed layer inputs + fp32 logits).
+A: CPU reference shape, end to end: upstream LLaVA train() on a widened tiny fixture, plain upstream and
+   `llava-train --regularizer none|rdd|pre|rdd,pre`, one fresh subprocess per run, configs interleaved over
+   repeats. Step = on_step_begin -> on_step_end (fwd, bwd, optimizer); memory = peak RSS.
+B: LLaVA-1.5-7B shape, the terms alone on CPU: time (fp32, against a GEMM timed just before each rep) and
+   peak extra memory (fp32 and bf16 inputs) of forward+backward, against an *estimated* 7B step.
 """
 from __future__ import annotations
 
@@ -114,14 +105,6 @@ def worker_term(term: str, mode: str, dtype: str, B: int, nt: int, nv: int, d: i
 
     torch.manual_seed(0)
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    if term == "gemm":
-        a, b, c = (torch.randn(d, d, dtype=dt) for _ in range(3))
-        ts = []
-        for _ in range(reps + 1):
-            t = time.perf_counter()
-            torch.mm(a, b, out=c)
-            ts.append(time.perf_counter() - t)
-        return {"gemm_s": ts[1:], "flops_per_s": 2 * d ** 3 / statistics.median(ts[1:])}
     rc = RDDConfig()
     if term == "rdd":  # stand-ins for text_embeds() / visual_embeds()
         x = torch.randn(B * nt, d, dtype=dt).requires_grad_()
@@ -147,18 +130,28 @@ def worker_term(term: str, mode: str, dtype: str, B: int, nt: int, nv: int, d: i
         base = reset_peak()
         fwd(0).backward()
         return {"extra_peak_bytes": _status("VmHWM") - base}
-    fwd(0).backward()  # warm-up
-    tf, tb = [], []
+    a, b, c = (torch.randn(d, d) for _ in range(3))
+
+    def gemm_once():
+        t = time.perf_counter()
+        torch.mm(a, b, out=c)
+        return time.perf_counter() - t
+
+    def gemm():  # fp32 d x d x d, median of 3, timed next to each rep so that load drift hits both alike
+        return statistics.median(gemm_once() for _ in range(3))
+    gemm(), fwd(0).backward()  # warm-up
+    out = {"fwd_s": [], "bwd_s": [], "gemm_s": []}
     for r in range(reps):
         for p in inputs:
             p.grad = None
+        out["gemm_s"].append(gemm())
         t0 = time.perf_counter()
         loss = fwd(r + 1)
         t1 = time.perf_counter()
         loss.backward()
-        tf.append(t1 - t0)
-        tb.append(time.perf_counter() - t1)
-    return {"fwd_s": tf, "bwd_s": tb}
+        out["fwd_s"].append(t1 - t0)
+        out["bwd_s"].append(time.perf_counter() - t1)
+    return out
 
 
 def rdd_flops(n_t: int, n_v: int, d: int) -> float:
@@ -222,25 +215,27 @@ def part_b(args) -> dict:
     from vlm_preserve.regularizers.rdd import RDDConfig
     rc = RDDConfig()  # the defaults a user gets
     B, nt, nv, d, cap = args.b_batch, 600, 576, 4096, rc.rdd_max_tokens
-    rate = run_worker("--_term", "gemm", "time", "fp32", B, nt, nv, d, cap, 5)["flops_per_s"]
     sf, sm = step_flops(B, nt + nv, d), step_memory(B, nt + nv, d)
-    step_s = sf["total"] / rate
     flops = {"rdd": rdd_flops(min(cap, B * nt), min(cap, B * nv), d), "pre": pre_flops(B * nv, d, d)}
     head_states = 16 * (2 * d * d + 2 * d) / GPUS  # the PRe head's own ZeRO-3 model states
     out = {"shape": {"batch": B, "text_tokens": nt, "visual_tokens": nv, "width": d, "layers": LAYERS_7B,
                      "params": P_7B, "vocab": VOCAB_7B, "gpus": GPUS, "rdd_cap": cap, "rdd_block": rc.rdd_block_size,
-                     "rdd_kernel": rc.rdd_kernel}, "gemm_fp32_flops_per_s": rate, "step_flops": sf,
-           "step_time_est_s": step_s, "step_memory_est_bytes": sm, "pre_head_zero3_states_bytes": head_states}
+                     "rdd_kernel": rc.rdd_kernel}, "step_flops": sf, "step_memory_est_bytes": sm,
+           "pre_head_zero3_states_bytes": head_states}
     for term in ("rdd", "pre"):
         r = run_worker("--_term", term, "time", "fp32", B, nt, nv, d, cap, args.b_reps)
+        rates = [2 * d ** 3 / g for g in r["gemm_s"]]
         r["time_s"] = statistics.median(f + b for f, b in zip(r["fwd_s"], r["bwd_s"]))
-        r.update(flops=flops[term], time_frac=r["time_s"] / step_s, flops_frac=flops[term] / sf["total"])
+        r["time_frac"] = statistics.median((f + b) * q / sf["total"] for f, b, q in zip(r["fwd_s"], r["bwd_s"], rates))
+        r.update(gemm_flops_per_s=rates, flops=flops[term], flops_frac=flops[term] / sf["total"])
         for dt in ("fp32", "bf16"):
             m = run_worker("--_term", term, "mem", dt, B, nt, nv, d, cap, 0, env_extra=MEM_ENV)["extra_peak_bytes"]
             r[f"mem_{dt}_bytes"] = m + (head_states if term == "pre" else 0)
             r[f"mem_{dt}_frac"] = r[f"mem_{dt}_bytes"] / sm["total"]
         r["meets"] = {k: r[k] <= TARGET for k in ("time_frac", "flops_frac", "mem_fp32_frac", "mem_bf16_frac")}
         out[term] = r
+    rate = out["gemm_fp32_flops_per_s"] = statistics.median(out["rdd"]["gemm_flops_per_s"] + out["pre"]["gemm_flops_per_s"])
+    step_s = out["step_time_est_s"] = sf["total"] / rate
     rd = out["rdd"]
     worst = max(rd["time_frac"], rd["flops_frac"])  # kernel matmuls are quadratic in the cap
     out["rdd_cap_for_time_target"] = int(cap * math.sqrt(TARGET / worst)) if worst > TARGET else None
@@ -252,7 +247,9 @@ def part_b(args) -> dict:
                                                        env_extra=MEM_ENV)["extra_peak_bytes"]
     print(f"\nPart B: LLaVA-1.5-7B shape, batch {B} x ({nt} text + {nv} visual) tokens, width {d}, {LAYERS_7B} "
           f"layers; RDD kernel {rc.rdd_kernel}, cap {cap}/modality, block {rc.rdd_block_size}; CPU")
-    print(f"  CPU fp32 GEMM {d}x{d}x{d}: {rate / 1e9:.1f} GFLOP/s (median of 5)")
+    print(f"  CPU fp32 GEMM {d}x{d}x{d}: {rate / 1e9:.1f} GFLOP/s (median over the {2 * args.b_reps} reps, "
+          f"range {min(out['rdd']['gemm_flops_per_s'] + out['pre']['gemm_flops_per_s']) / 1e9:.1f}.."
+          f"{max(out['rdd']['gemm_flops_per_s'] + out['pre']['gemm_flops_per_s']) / 1e9:.1f})")
     print(f"  7B step FLOPs (est.) = 6*{P_7B:.2g}*{B * (nt + nv)} tokens + attention 12*B*L^2*d*{LAYERS_7B} = "
           f"{sf['dense']:.3e} + {sf['attention']:.3e} = {sf['total']:.3e}  ->  {step_s:.0f} s at that rate")
     print(f"  7B per-GPU memory (est., lower bound; ZeRO-3 on {GPUS}) = 16 B*{P_7B:.2g}/{GPUS} + {LAYERS_7B}*B*L*d*2 B"
@@ -266,7 +263,8 @@ def part_b(args) -> dict:
               f"{100 * r['time_frac']:6.3f}% {r['flops'] / 1e9:6.0f} {100 * r['flops_frac']:6.3f}% "
               f"{r['mem_fp32_bytes'] / MIB:9.0f} {100 * r['mem_fp32_frac']:5.2f}% {r['mem_bf16_bytes'] / MIB:9.0f} "
               f"{100 * r['mem_bf16_frac']:5.2f}%  " + " ".join("yes" if v else "NO" for v in r["meets"].values()))
-    print(f"  fwd/bwd: fp32, median of {args.b_reps} after a warm-up; time % = fwd+bwd / est. step time; mem = peak "
+    print(f"  fwd/bwd: fp32, median of {args.b_reps} after a warm-up; time % = median over reps of fwd+bwd / est. step "
+          f"time at the GEMM rate timed just before that rep; mem = peak "
           f"rise over one fwd+bwd, inputs excluded; PRe mem includes its head's ZeRO-3 states "
           f"({head_states / MIB:.0f} MiB); for <=1% the step peak would have to be >= "
           f"{rd['mem_bf16_bytes'] / TARGET / GIB:.0f} GiB (RDD bf16), {out['pre']['mem_bf16_bytes'] / TARGET / GIB:.0f} GiB (PRe bf16)")
@@ -286,13 +284,13 @@ def main() -> None:
     if sys.argv[1:2] == ["--_term"]:
         return print(json.dumps(worker_term(*sys.argv[2:5], *map(int, sys.argv[5:]))))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="~1-2 minute smoke run: fewer steps/repeats, batch 4 in B")
+    ap.add_argument("--quick", action="store_true", help="~1.5 minute smoke run: fewer steps/repeats, batch 2 in B")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_overhead.json"))
     ap.add_argument("--skip", choices=["a", "b"], help="skip one part")
     args = ap.parse_args()
     args.a_hidden, args.a_layers, args.a_batch = 256, 8, 8
     args.a_steps, args.a_warmup, args.repeats = (5, 2, 1) if args.quick else (12, 2, 3)
-    args.b_batch, args.b_reps = (4, 1) if args.quick else (16, 3)
+    args.b_batch, args.b_reps = (2, 1) if args.quick else (16, 3)
     import torch
     import transformers
     with open("/proc/cpuinfo") as f:

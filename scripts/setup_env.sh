@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the virtual environment for one upstream and install everything from PyPI.
-#   bash scripts/setup_env.sh llava     -> .venv/llava : upstream LLaVA + its tested dependency set + this plugin
+#   bash scripts/setup_env.sh llava          -> .venv/llava : upstream LLaVA (transformers 4.36.2) + its tested set
+#   bash scripts/setup_env.sh transformers   -> .venv/transformers : current transformers 5.x + TRL
 # Re-running is cheap: the install is skipped while the requirement files are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,8 @@ py="${PYTHON:-python3}"
 
 case "$name" in
   llava) reqs=(third_party/llava/requirements.txt) ;;
-  *) echo "setup_env.sh: unknown environment '$name' (known: llava)" >&2; exit 2 ;;
+  transformers) reqs=(third_party/transformers/requirements.txt) ;;
+  *) echo "setup_env.sh: unknown environment '$name' (known: llava, transformers)" >&2; exit 2 ;;
 esac
 
 stamp="$venv/.installed"

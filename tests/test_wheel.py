@@ -4,8 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
+
+@pytest.mark.skipif(os.environ.get("VLM_PRESERVE_TEST_ENV", "llava") != "llava",
+                    reason="environment-independent: runs once, in the llava environment")
 
 def sh(*cmd, cwd=None, check=True, env=None):
     p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd, env=env)

@@ -41,12 +41,12 @@ class Attachment:
             heads.to(device=ref.device, dtype=ref.dtype)
             model.add_module(HEADS_PREFIX, heads)
             self.patches.call_on_undo(lambda: delattr(model, HEADS_PREFIX))
-            original_save = model.save_pretrained
-
-            def save_pretrained(*args, state_dict=None, **kwargs):
-                return original_save(*args, state_dict=without_heads(state_dict if state_dict is not None
-                                                                     else model.state_dict()), **kwargs)
-            self.patches.setattr(model, "save_pretrained", save_pretrained)
+            original_save = getattr(model, "save_pretrained", None)
+            if original_save is not None:
+                def save_pretrained(*args, state_dict=None, **kwargs):
+                    return original_save(*args, state_dict=without_heads(state_dict if state_dict is not None
+                                                                         else model.state_dict()), **kwargs)
+                self.patches.setattr(model, "save_pretrained", save_pretrained)
         previous = self.preserver.apply_attention_tuning(adapter.llm_modules(model), adapter.projector_modules(model))
         self.patches.call_on_undo(lambda: [p.requires_grad_(v) for p, v in previous.items()])
         self.slot = _Slot()
