@@ -9,8 +9,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(os.environ.get("VLM_PRESERVE_TEST_ENV", "llava") != "llava",
-                    reason="environment-independent: runs once, in the llava environment")
 
 def sh(*cmd, cwd=None, check=True, env=None):
     p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd, env=env)
@@ -19,6 +17,8 @@ def sh(*cmd, cwd=None, check=True, env=None):
     return p
 
 
+@pytest.mark.skipif(os.environ.get("VLM_PRESERVE_TEST_ENV", "llava") != "llava",
+                    reason="environment-independent: runs once, in the llava environment")
 def test_wheel_installs_in_a_fresh_venv_and_its_console_scripts_run(tmp_path):
     sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp_path / "dist", ROOT)
     wheel = next((tmp_path / "dist").glob("vlm_preserve_plugin-*.whl"))
