@@ -163,3 +163,19 @@ def test_generic_adapter_example_with_token_or_mask_marking(tmp_path):
             if k in a or k in b:
                 assert a[k] == pytest.approx(b[k], rel=1e-6), (k, a, b)
     assert by_token[-1]["pre_loss"] < by_token[0]["pre_loss"]
+
+
+def test_preserving_class_for_frameworks_that_build_their_own_trainer(tmp_path):
+    """What docs/frameworks.md tells LLaMA-Factory users: rebind the trainer class their workflow constructs."""
+    import types
+
+    from vlm_preserve import preserving_class
+    workflow = types.ModuleType("workflow")
+    workflow.CustomTrainer = type("CustomTrainer", (transformers.Trainer,), {})
+    original = workflow.CustomTrainer
+    workflow.CustomTrainer = preserving_class(original, "rdd,pre")
+    model = build("qwen2_vl")
+    t = trainer_for(model, "qwen2_vl", tmp_path, cls=workflow.CustomTrainer)
+    assert isinstance(t, original) and hasattr(model, "vlm_preserve_heads")
+    t.train()
+    assert sum("pre_loss" in r for r in rows(t)) == 3

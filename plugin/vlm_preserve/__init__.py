@@ -8,7 +8,7 @@ Import stays light (torch loads on first use of an attribute) so the console scr
 __version__ = "0.1.0"
 
 _LAZY = {
-    "attach": "api", "detach": "api", "make_configs": "api", "TrainerHandle": "api",
+    "attach": "api", "detach": "api", "preserving_class": "api", "make_configs": "api", "TrainerHandle": "api",
     "Attachment": "attachment", "GenericAdapter": "adapters.generic", "Preserver": "regularizers",
     "RDDConfig": "regularizers.rdd", "PReConfig": "regularizers.pre", "SoftLabelConfig": "regularizers.soft_label",
     "PreserveArguments": "config", "ConfigError": "config", "StepCapture": "capture",

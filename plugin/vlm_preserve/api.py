@@ -68,3 +68,13 @@ def attach(target, regularizer: str = "rdd", *, rdd: RDDConfig | None = None, pr
 
 def detach(handle) -> None:
     handle.detach()
+
+
+def preserving_class(base: type, regularizer: str = "rdd", *, rdd: RDDConfig | None = None,
+                     pre: PReConfig | None = None, soft_label: SoftLabelConfig | None = None, adapter=None) -> type:
+    """A subclass of the Trainer class `base` whose instances attach the regularizers when constructed.
+
+    For frameworks that build their trainer inside their own code: rebind their module's name to it before
+    their entry point runs (docs/frameworks.md), e.g. `workflow.CustomSeq2SeqTrainer = preserving_class(...)`."""
+    from .trainer import preserving_trainer_class
+    return preserving_trainer_class(base, make_configs(regularizer, rdd=rdd, pre=pre, soft_label=soft_label), adapter)

@@ -132,14 +132,16 @@ class PreservingMixin:
         return result
 
 
-def preserving_trainer_class(base: type, configs: dict, adapter) -> type:
-    """A subclass of `base` (a transformers.Trainer) whose instances attach the configured terms at init."""
+def preserving_trainer_class(base: type, configs: dict, adapter=None) -> type:
+    """A subclass of `base` (a transformers.Trainer) whose instances attach the configured terms at init
+    (the adapter, if not given, is chosen from the model the trainer receives)."""
 
     def __init__(self, *args, **kwargs):
         base.__init__(self, *args, **kwargs)
         # After upstream has set requires_grad and the Trainer has seeded torch, before the optimizer exists:
         # the heads are trainable, deterministic, and optimised.
-        self._vp_setup(configs, adapter)
+        from .adapters import resolve_adapter
+        self._vp_setup(configs, resolve_adapter(self.model, adapter))
 
     name = f"Preserving{base.__name__}"
     return type(name, (PreservingMixin, base), {"__init__": __init__, "__qualname__": name})
