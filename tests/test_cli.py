@@ -69,7 +69,7 @@ def vlm_preserve(*args, **env):
 def test_check_upstream_passes_on_the_pinned_version():
     p = vlm_preserve("check-upstream", "llava")
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "all 19 declared symbols match" in p.stdout and "forward+backward" in p.stdout
+    assert "all 19 declared symbols match" in p.stdout and "forward+backward with rdd,pre ran" in p.stdout
 
 
 @needs_llava

@@ -179,3 +179,11 @@ def test_preserving_class_for_frameworks_that_build_their_own_trainer(tmp_path):
     assert isinstance(t, original) and hasattr(model, "vlm_preserve_heads")
     t.train()
     assert sum("pre_loss" in r for r in rows(t)) == 3
+
+
+def test_check_upstream_transformers():
+    import subprocess
+    p = subprocess.run([sys.executable, "-c", "from vlm_preserve.cli import entry; entry()", "check-upstream",
+                        "transformers"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "declared symbols match" in p.stdout and "forward+backward with rdd,pre ran" in p.stdout

@@ -45,7 +45,11 @@ def check_symbol(decl: dict) -> str | None:
         lacking = [p for p in decl.get("params_include", []) if p not in found]
         if lacking:
             return f"parameters {found} lack {lacking}"
-    if "fields_include" in decl:
+    if "attrs_include" in decl:
+        lacking = [a for a in decl["attrs_include"] if not hasattr(obj(), a)]
+        if lacking:
+            return f"instances lack attributes {lacking}"
+    if decl.get("fields_include"):
         names = {f.name for f in dataclasses.fields(obj)}
         lacking = [f for f in decl["fields_include"] if f not in names]
         if lacking:
@@ -65,7 +69,30 @@ def _versions(decl: dict) -> dict:
     return out
 
 
-def _tiny_run() -> str | None:
+def _tiny_run_transformers() -> str | None:
+    import transformers as T
+
+    from . import attach
+    text = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    vision = T.CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                image_size=16, patch_size=8)
+    model = T.LlavaForConditionalGeneration(T.LlavaConfig(text_config=text, vision_config=vision, image_token_id=63))
+    import torch
+    ids = torch.tensor([[63] * 4 + list(range(5, 15))])
+    att = attach(model, "rdd,pre")
+    out = model(input_ids=ids, pixel_values=torch.randn(1, 3, 16, 16), labels=ids.masked_fill(ids == 63, -100),
+                **att.forward_kwargs())
+    loss, logs = att.total_loss(out.loss, out)
+    loss.backward()
+    att.detach()
+    bad = [k for k, v in logs.items() if v is None or not torch.isfinite(v)]
+    return f"tiny attached step gave no finite {bad}" if bad else None
+
+
+def _tiny_run(upstream: str = "llava") -> str | None:
+    if upstream == "transformers":
+        return _tiny_run_transformers()
     import torch
 
     from .cli.llava_train import main as llava_train
@@ -103,9 +130,9 @@ def check_upstream(upstream: str, source: str | None = None, run: bool = True) -
             print(f"note: tested against {dist} {decl['targets'][dist]}, found {found}: the symbols match, "
                   "behaviour beyond them is untested.")
     if run:
-        err = _tiny_run()
+        err = _tiny_run(upstream)
         if err:
             print(f"DRIFT tiny run: {err} [{where}]", file=sys.stderr)
             return 1
-        print(f"check-upstream {upstream}: one patched forward+backward (llava-train --regularizer rdd,pre) ran, terms finite.")
+        print(f"check-upstream {upstream}: one patched forward+backward with rdd,pre ran, terms finite.")
     return 0
