@@ -24,6 +24,7 @@ CONFIGS = ["upstream", "none", "rdd", "pre", "rdd,pre"]
 P_7B, LAYERS_7B, VOCAB_7B, GPUS, TARGET = 6.7e9, 32, 32000, 8, 0.01
 MEM_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # big buffers mmap'd, unmapped on free: RSS follows live memory
 MIB, GIB = 2 ** 20, 2 ** 30
+med = statistics.median
 
 
 def _status(key: str) -> int:
@@ -32,7 +33,7 @@ def _status(key: str) -> int:
 
 
 def reset_peak() -> int:
-    """Reset the peak RSS (VmHWM) to the current RSS, return the current RSS."""
+    """Reset the peak RSS (VmHWM) to the current RSS; return the current RSS."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return _status("VmRSS")
@@ -40,8 +41,8 @@ def reset_peak() -> int:
 
 def run_worker(*args, env_extra=None) -> dict:
     env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, args)],
-                       capture_output=True, text=True, env=env)
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, args)], capture_output=True,
+                       text=True, env=env)
     if p.returncode != 0:
         raise SystemExit(f"worker {args} failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -58,19 +59,20 @@ def worker_train(config: str, fixture: str, out: str, steps: int, batch: int) ->
     from vlm_preserve.fixtures import TinyLlavaFixture
 
     class Probe(TrainerCallback):
-        times, tokens, padded, mem = [], [], [], {}
+        r = {"step_s": [], "tokens": [], "padded": []}
 
         def on_train_begin(self, *a, **k):
-            self.mem["train_begin_rss"] = reset_peak()
+            self.r["train_begin_rss"] = reset_peak()
 
         def on_step_begin(self, *a, **k):
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            self.times.append(time.perf_counter() - self.t0)
+            self.r["step_s"].append(time.perf_counter() - self.t0)
 
         def on_train_end(self, *a, **k):
-            self.mem["train_peak_rise"] = _status("VmHWM") - self.mem["train_begin_rss"]
+            self.r["peak_rss"] = _status("VmHWM")  # peak since train begin
+            self.r["train_peak_rise"] = self.r["peak_rss"] - self.r["train_begin_rss"]
 
     probe = Probe()
     hf_trainer.DEFAULT_CALLBACKS.append(probe)  # the list Trainer.__init__ reads
@@ -78,8 +80,8 @@ def worker_train(config: str, fixture: str, out: str, steps: int, batch: int) ->
 
     def forward(self, *a, **k):  # the shape the decoder sees: text + inserted visual tokens
         if self.training and k.get("inputs_embeds") is not None:
-            probe.padded.append(list(k["inputs_embeds"].shape))
-            probe.tokens.append(int(k["attention_mask"].sum()))
+            probe.r["padded"].append(list(k["inputs_embeds"].shape))
+            probe.r["tokens"].append(int(k["attention_mask"].sum()))
         return original(self, *a, **k)
     modeling_llama.LlamaModel.forward = forward
     root = Path(fixture)
@@ -93,9 +95,7 @@ def worker_train(config: str, fixture: str, out: str, steps: int, batch: int) ->
     else:
         from vlm_preserve.cli.llava_train import main
         main(argv + ["--regularizer", config])
-    import resource
-    return {"step_s": probe.times, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "padded": probe.padded, "tokens": probe.tokens, **probe.mem}
+    return probe.r
 
 
 def worker_term(term: str, mode: str, dtype: str, B: int, nt: int, nv: int, d: int, cap: int, reps: int) -> dict:
@@ -104,21 +104,17 @@ def worker_term(term: str, mode: str, dtype: str, B: int, nt: int, nv: int, d: i
     from vlm_preserve.regularizers.rdd import RDDConfig, mmd2, subsample
 
     torch.manual_seed(0)
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    rc = RDDConfig()
-    if term == "rdd":  # stand-ins for text_embeds() / visual_embeds()
-        x = torch.randn(B * nt, d, dtype=dt).requires_grad_()
-        y = torch.randn(B * nv, d, dtype=dt).requires_grad_()
+    dt, rc = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype], RDDConfig()
+    if term == "rdd":  # stand-ins for text_embeds() / visual_embeds() (leaves: no slicing on the measured call)
+        x, y = (torch.randn(B * n, d, dtype=dt).requires_grad_() for n in (nt, nv))
         inputs = [x, y]
 
         def fwd(seed, n=None, c=cap, blk=rc.rdd_block_size):
-            g = torch.Generator().manual_seed(seed)  # no slicing on the measured call (n=None)
+            g = torch.Generator().manual_seed(seed)
             xs, ys = (x, y) if n is None else (x[:n], y[:n])
             return mmd2(subsample(xs, c, g), subsample(ys, c, g), rc.rdd_kernel, rc.rdd_bandwidth_scale, blk)
     else:  # middle-layer visual hidden states -> head (in the model dtype, as Attachment casts it) -> pre_loss
-        head = PReHead(d, d).to(dt)
-        h = torch.randn(B * nv, d, dtype=dt).requires_grad_()
-        anchor = torch.randn(B * nv, d, dtype=dt)
+        head, h, anchor = PReHead(d, d).to(dt), torch.randn(B * nv, d, dtype=dt).requires_grad_(), torch.randn(B * nv, d, dtype=dt)
         inputs = [h, *head.parameters()]
 
         def fwd(seed, n=None, **_):
@@ -132,13 +128,13 @@ def worker_term(term: str, mode: str, dtype: str, B: int, nt: int, nv: int, d: i
         return {"extra_peak_bytes": _status("VmHWM") - base}
     a, b, c = (torch.randn(d, d) for _ in range(3))
 
-    def gemm_once():
-        t = time.perf_counter()
-        torch.mm(a, b, out=c)
-        return time.perf_counter() - t
-
-    def gemm():  # fp32 d x d x d, median of 3, timed next to each rep so that load drift hits both alike
-        return statistics.median(gemm_once() for _ in range(3))
+    def gemm() -> float:  # fp32 d^3, median of 3
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            torch.mm(a, b, out=c)
+            ts.append(time.perf_counter() - t)
+        return med(ts)
     gemm(), fwd(0).backward()  # warm-up
     out = {"fwd_s": [], "bwd_s": [], "gemm_s": []}
     for r in range(reps):
@@ -154,27 +150,23 @@ def worker_term(term: str, mode: str, dtype: str, B: int, nt: int, nv: int, d: i
     return out
 
 
-def rdd_flops(n_t: int, n_v: int, d: int) -> float:
-    """Kernel matmuls: forward 2d(n_t² + n_v² + n_t·n_v); backward = recomputed forward (checkpointing) + both
-    operand gradients (2x forward): 4x forward. Elementwise work ignored."""
+def rdd_flops(n_t, n_v, d):  # kernel matmuls 2d(n_t²+n_v²+n_t·n_v); bwd = recomputed fwd + 2 operand grads
     return 4 * 2 * d * (n_t ** 2 + n_v ** 2 + n_t * n_v)
 
 
-def pre_flops(n: int, d: int, d_out: int) -> float:
-    """Two Linear layers, forward 2n(d·d + d·d_out); backward = weight and input gradients: 3x forward."""
+def pre_flops(n, d, d_out):  # two Linear layers; bwd = weight + input gradients
     return 3 * 2 * n * (d * d + d * d_out)
 
 
-def step_flops(B: int, L: int, d: int) -> dict:
-    dense, attn = 6 * P_7B * B * L, 3 * 4 * B * L ** 2 * d * LAYERS_7B  # attn: QK^T and AV, no causal halving
-    return {"dense": dense, "attention": attn, "total": dense + attn}
+def step_flops(B, L, d):  # attention: QK^T and AV, 2·L²·d each per layer and sample, fwd + 2x bwd, no causal halving
+    f = {"dense": 6 * P_7B * B * L, "attention": 3 * 4 * B * L ** 2 * d * LAYERS_7B}
+    return {**f, "total": sum(f.values())}
 
 
-def step_memory(B: int, L: int, d: int) -> dict:
-    """Lower bound of the 7B step's per-GPU peak, so the fractions are upper bounds."""
-    m = {"model_states": 16 * P_7B / GPUS,                 # bf16 w + g, fp32 master + Adam m, v; ZeRO-3 / 8
+def step_memory(B, L, d):  # a LOWER bound of the 7B step's per-GPU peak, so the fractions are upper bounds
+    m = {"model_states": 16 * P_7B / GPUS,                        # bf16 w+g, fp32 master + Adam m, v; ZeRO-3
          "checkpointed_layer_inputs": LAYERS_7B * B * L * d * 2,  # bf16, gradient checkpointing
-         "fp32_logits": 4 * B * L * VOCAB_7B}                # LlamaForCausalLM: logits.float()
+         "fp32_logits": 4 * B * L * VOCAB_7B}                     # LlamaForCausalLM: logits.float()
     return {**m, "total": sum(m.values())}
 
 
@@ -186,28 +178,27 @@ def part_a(args, tmp: str) -> dict:
     for rep in range(args.repeats):
         for c in (CONFIGS if rep % 2 == 0 else CONFIGS[::-1]):
             r = run_worker("--_train", c, fx.root, os.path.join(tmp, f"r{rep}{c}"), args.a_steps, args.a_batch)
-            r["median_step_s"] = statistics.median(r["step_s"][args.a_warmup:])
+            r["median_step_s"] = med(r["step_s"][args.a_warmup:])
             runs[c].append(r)
             print(f"  A rep {rep} {c:8s} {r['median_step_s'] * 1e3:7.1f} ms/step", flush=True)
-    res = {c: {k: statistics.median(r[k] for r in runs[c]) for k in ("median_step_s", "peak_rss", "train_peak_rise")}
-           for c in CONFIGS}
-    for c in CONFIGS:
-        res[c]["runs"] = [{k: r[k] for k in ("step_s", "peak_rss", "train_peak_rise")} for r in runs[c]]
-    r0 = runs["none"][0]
-    shape = {"batch": args.a_batch, "hidden": args.a_hidden, "layers": args.a_layers, "steps": args.a_steps,
-             "warmup_steps_dropped": args.a_warmup, "repeats": args.repeats, "padded_shapes": r0["padded"],
-             "mean_attended_tokens_per_batch": statistics.mean(r0["tokens"]), "visual_tokens_per_image": 16}
+    keys = ("median_step_s", "peak_rss", "train_peak_rise")
+    res = {c: {**{k: med(r[k] for r in runs[c]) for k in keys},
+               "runs": [{k: r[k] for k in ("step_s", "peak_rss", "train_peak_rise")} for r in runs[c]]} for c in CONFIGS}
+    r0, n = runs["none"][0], res["none"]
     lens = [s[1] for s in r0["padded"]]
+    shape = {"batch": args.a_batch, "hidden": args.a_hidden, "layers": args.a_layers, "steps": args.a_steps,
+             "warmup_steps_dropped": args.a_warmup, "repeats": args.repeats, "padded_len": [min(lens), max(lens)],
+             "mean_attended_tokens_per_batch": statistics.mean(r0["tokens"]), "visual_tokens_per_image": 16}
     print(f"\nPart A: CPU reference shape, upstream LLaVA train(), batch {args.a_batch}, width {args.a_hidden}, "
           f"{args.a_layers} layers (4 heads, MLP {2 * args.a_hidden}), padded length {min(lens)}..{max(lens)}, "
           f"mean {shape['mean_attended_tokens_per_batch']:.0f} attended tokens/batch (16 visual per image); "
-          f"median of {args.repeats} runs x {args.a_steps - args.a_warmup} steps")
-    n = res["none"]
-    print(f"{'config':9s} {'ms/step':>8s} {'x none':>7s} {'peak RSS MiB':>13s} {'x none':>7s} {'train rise MiB':>15s}")
+          f"median of {args.repeats} runs, each the median of {args.a_steps - args.a_warmup} steps")
+    print(f"{'config':9s} {'ms/step':>8s} {'x none':>7s} {'peak RSS MiB':>13s} {'x none':>7s} {'rise MiB':>9s}")
     for c in CONFIGS:
         r = res[c]
         print(f"{c:9s} {r['median_step_s'] * 1e3:8.1f} {r['median_step_s'] / n['median_step_s']:7.3f} "
-              f"{r['peak_rss'] / MIB:13.0f} {r['peak_rss'] / n['peak_rss']:7.3f} {r['train_peak_rise'] / MIB:15.1f}")
+              f"{r['peak_rss'] / MIB:13.0f} {r['peak_rss'] / n['peak_rss']:7.3f} {r['train_peak_rise'] / MIB:9.1f}")
+    print("  peak RSS: whole process, peak during train() (VmHWM reset at train begin); rise: that peak minus RSS at train begin")
     return {"shape": shape, "configs": res}
 
 
@@ -218,27 +209,27 @@ def part_b(args) -> dict:
     sf, sm = step_flops(B, nt + nv, d), step_memory(B, nt + nv, d)
     flops = {"rdd": rdd_flops(min(cap, B * nt), min(cap, B * nv), d), "pre": pre_flops(B * nv, d, d)}
     head_states = 16 * (2 * d * d + 2 * d) / GPUS  # the PRe head's own ZeRO-3 model states
-    out = {"shape": {"batch": B, "text_tokens": nt, "visual_tokens": nv, "width": d, "layers": LAYERS_7B,
-                     "params": P_7B, "vocab": VOCAB_7B, "gpus": GPUS, "rdd_cap": cap, "rdd_block": rc.rdd_block_size,
+    out = {"shape": {"batch": B, "text_tokens": nt, "visual_tokens": nv, "width": d, "layers": LAYERS_7B, "params": P_7B,
+                     "vocab": VOCAB_7B, "gpus": GPUS, "rdd_cap": cap, "rdd_block": rc.rdd_block_size,
                      "rdd_kernel": rc.rdd_kernel}, "step_flops": sf, "step_memory_est_bytes": sm,
            "pre_head_zero3_states_bytes": head_states}
     for term in ("rdd", "pre"):
         r = run_worker("--_term", term, "time", "fp32", B, nt, nv, d, cap, args.b_reps)
-        rates = [2 * d ** 3 / g for g in r["gemm_s"]]
-        r["time_s"] = statistics.median(f + b for f, b in zip(r["fwd_s"], r["bwd_s"]))
-        r["time_frac"] = statistics.median((f + b) * q / sf["total"] for f, b, q in zip(r["fwd_s"], r["bwd_s"], rates))
-        r.update(gemm_flops_per_s=rates, flops=flops[term], flops_frac=flops[term] / sf["total"])
+        tot = [f + b for f, b in zip(r["fwd_s"], r["bwd_s"])]
+        r["gemm_flops_per_s"] = [2 * d ** 3 / g for g in r["gemm_s"]]
+        r.update(time_s=med(tot), flops=flops[term], flops_frac=flops[term] / sf["total"],
+                 time_frac=med(t * q / sf["total"] for t, q in zip(tot, r["gemm_flops_per_s"])))
         for dt in ("fp32", "bf16"):
             m = run_worker("--_term", term, "mem", dt, B, nt, nv, d, cap, 0, env_extra=MEM_ENV)["extra_peak_bytes"]
             r[f"mem_{dt}_bytes"] = m + (head_states if term == "pre" else 0)
             r[f"mem_{dt}_frac"] = r[f"mem_{dt}_bytes"] / sm["total"]
         r["meets"] = {k: r[k] <= TARGET for k in ("time_frac", "flops_frac", "mem_fp32_frac", "mem_bf16_frac")}
         out[term] = r
-    rate = out["gemm_fp32_flops_per_s"] = statistics.median(out["rdd"]["gemm_flops_per_s"] + out["pre"]["gemm_flops_per_s"])
+    rd, rates = out["rdd"], out["rdd"]["gemm_flops_per_s"] + out["pre"]["gemm_flops_per_s"]
+    rate = out["gemm_fp32_flops_per_s"] = med(rates)
     step_s = out["step_time_est_s"] = sf["total"] / rate
-    rd = out["rdd"]
     worst = max(rd["time_frac"], rd["flops_frac"])  # kernel matmuls are quadratic in the cap
-    out["rdd_cap_for_time_target"] = int(cap * math.sqrt(TARGET / worst)) if worst > TARGET else None
+    out["rdd_cap_for_time_target"] = int(min(cap, B * nt) * math.sqrt(TARGET / worst)) if worst > TARGET else None
     out["rdd_uncapped_flops_frac"] = rdd_flops(B * nt, B * nv, d) / sf["total"]
     out["rdd_mem_bf16_by_cap"] = {cap: rd["mem_bf16_bytes"]}
     if rd["mem_bf16_frac"] > TARGET:  # memory is not quadratic in the cap: measure smaller caps
@@ -247,9 +238,8 @@ def part_b(args) -> dict:
                                                        env_extra=MEM_ENV)["extra_peak_bytes"]
     print(f"\nPart B: LLaVA-1.5-7B shape, batch {B} x ({nt} text + {nv} visual) tokens, width {d}, {LAYERS_7B} "
           f"layers; RDD kernel {rc.rdd_kernel}, cap {cap}/modality, block {rc.rdd_block_size}; CPU")
-    print(f"  CPU fp32 GEMM {d}x{d}x{d}: {rate / 1e9:.1f} GFLOP/s (median over the {2 * args.b_reps} reps, "
-          f"range {min(out['rdd']['gemm_flops_per_s'] + out['pre']['gemm_flops_per_s']) / 1e9:.1f}.."
-          f"{max(out['rdd']['gemm_flops_per_s'] + out['pre']['gemm_flops_per_s']) / 1e9:.1f})")
+    print(f"  CPU fp32 GEMM {d}^3: {rate / 1e9:.1f} GFLOP/s (median of {len(rates)}, range "
+          f"{min(rates) / 1e9:.1f}..{max(rates) / 1e9:.1f}; each the median of 3, timed just before a term rep)")
     print(f"  7B step FLOPs (est.) = 6*{P_7B:.2g}*{B * (nt + nv)} tokens + attention 12*B*L^2*d*{LAYERS_7B} = "
           f"{sf['dense']:.3e} + {sf['attention']:.3e} = {sf['total']:.3e}  ->  {step_s:.0f} s at that rate")
     print(f"  7B per-GPU memory (est., lower bound; ZeRO-3 on {GPUS}) = 16 B*{P_7B:.2g}/{GPUS} + {LAYERS_7B}*B*L*d*2 B"
@@ -259,18 +249,17 @@ def part_b(args) -> dict:
           f"{'mem %':>6s} {'MiB bf16':>9s} {'mem %':>6s}  <=1%: time FLOP mem32 mem16")
     for term in ("rdd", "pre"):
         r = out[term]
-        print(f"{term:5s} {statistics.median(r['fwd_s']):6.2f} {statistics.median(r['bwd_s']):6.2f} "
-              f"{100 * r['time_frac']:6.3f}% {r['flops'] / 1e9:6.0f} {100 * r['flops_frac']:6.3f}% "
-              f"{r['mem_fp32_bytes'] / MIB:9.0f} {100 * r['mem_fp32_frac']:5.2f}% {r['mem_bf16_bytes'] / MIB:9.0f} "
-              f"{100 * r['mem_bf16_frac']:5.2f}%  " + " ".join("yes" if v else "NO" for v in r["meets"].values()))
-    print(f"  fwd/bwd: fp32, median of {args.b_reps} after a warm-up; time % = median over reps of fwd+bwd / est. step "
-          f"time at the GEMM rate timed just before that rep; mem = peak "
-          f"rise over one fwd+bwd, inputs excluded; PRe mem includes its head's ZeRO-3 states "
-          f"({head_states / MIB:.0f} MiB); for <=1% the step peak would have to be >= "
+        print(f"{term:5s} {med(r['fwd_s']):6.2f} {med(r['bwd_s']):6.2f} {100 * r['time_frac']:6.3f}% "
+              f"{r['flops'] / 1e9:6.0f} {100 * r['flops_frac']:6.3f}% {r['mem_fp32_bytes'] / MIB:9.0f} "
+              f"{100 * r['mem_fp32_frac']:5.2f}% {r['mem_bf16_bytes'] / MIB:9.0f} {100 * r['mem_bf16_frac']:5.2f}%  "
+              + " ".join("yes" if v else "NO" for v in r["meets"].values()))
+    print(f"  fwd/bwd: fp32, median of {args.b_reps} after a warm-up; time % = median over reps of fwd+bwd / est. "
+          f"step time at that rep's GEMM rate; mem = peak rise over one fwd+bwd, inputs excluded; PRe mem includes "
+          f"its head's ZeRO-3 states ({head_states / MIB:.0f} MiB); <=1% would need a step peak >= "
           f"{rd['mem_bf16_bytes'] / TARGET / GIB:.0f} GiB (RDD bf16), {out['pre']['mem_bf16_bytes'] / TARGET / GIB:.0f} GiB (PRe bf16)")
     c4 = out["rdd_cap_for_time_target"]
     print(f"  RDD time/FLOPs: cap {cap} " + (f"misses 1%; cap ~{c4} would meet it (quadratic extrapolation)" if c4
-          else "meets 1%") + f"; uncapped ({B * nt}+{B * nv} tokens) FLOPs would be "
+          else "meets 1%") + f"; uncapped ({B * nt}+{B * nv} tokens) its FLOPs would be "
           f"{100 * out['rdd_uncapped_flops_frac']:.3f}% of the step")
     print("  RDD memory, bf16 inputs, by cap: " + ", ".join(
         f"{c}: {m / MIB:.0f} MiB = {100 * m / sm['total']:.2f}%" for c, m in out["rdd_mem_bf16_by_cap"].items()))
@@ -295,12 +284,11 @@ def main() -> None:
     import transformers
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    info = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "quick": args.quick,
+    info = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu, "cpus": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__, "quick": args.quick,
             "loadavg_start": os.getloadavg()}
     print(json.dumps(info))
-    t0 = time.time()
-    res = {"info": info}
+    t0, res = time.time(), {"info": info}
     with tempfile.TemporaryDirectory() as tmp:
         if args.skip != "a":
             res["part_a"] = part_a(args, tmp)
@@ -309,8 +297,8 @@ def main() -> None:
     info.update(wall_s=time.time() - t0, loadavg_end=os.getloadavg())
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)
-    print(f"\nwall {info['wall_s']:.0f} s, load average at start {info['loadavg_start'][0]:.2f}, at end "
-          f"{info['loadavg_end'][0]:.2f} (1 min); JSON: {args.json}")
+    print(f"\nwall {info['wall_s']:.0f} s; 1-min load average at start {info['loadavg_start'][0]:.2f}, at end "
+          f"{info['loadavg_end'][0]:.2f} ({os.cpu_count()} CPUs; our runs alone load ~{os.cpu_count()}: more means other processes competed); JSON: {args.json}")
 
 
 if __name__ == "__main__":

@@ -45,3 +45,13 @@ class StepCapture:
 
     def visual_embeds(self) -> torch.Tensor:
         return self.inputs_embeds[self.image_mask]
+
+
+def output_keeper(slot, seen: dict):
+    """A forward hook keeping hidden_states/logits for the capture this forward created (`seen["capture"]`),
+    so a later forward of the same step (a metrics pass, an eval) never mixes in."""
+    def keep(module, args, output):
+        cap = seen.get("capture")
+        if cap is not None and cap is slot.capture:
+            cap.take_outputs(output)
+    return keep

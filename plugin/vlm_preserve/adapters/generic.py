@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..capture import StepCapture
+from ..capture import StepCapture, output_keeper
 from ..config import ConfigError
 from ..patching import Patches
 
@@ -119,9 +119,7 @@ class GenericAdapter:
                                                          attention_mask=attn, labels=seen.get("labels"),
                                                          visual_features=feats)
 
-        def keep_outputs(module, args, output):
-            if seen.get("capture") is not None and seen["capture"] is slot.capture:
-                seen["capture"].take_outputs(output)
+        keep_outputs = output_keeper(slot, seen)
 
         patches.add_hook(model.register_forward_pre_hook(on_model, with_kwargs=True))
         patches.add_hook(model.register_forward_hook(keep_outputs))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..capture import StepCapture
+from ..capture import StepCapture, output_keeper
 from ..patching import Patches
 
 IGNORE_INDEX = -100        # llava.constants.IGNORE_INDEX (checked by check-upstream)
@@ -102,9 +102,7 @@ def install_capture(model, slot, *, visual_features: bool = False) -> Patches:
         return (out_ids, pos, attn if attention_mask is not None else None, pkv, embeds,
                 new_labels if labels is not None else None)
 
-    def keep_outputs(module, args, output):
-        if seen.get("capture") is not None and seen["capture"] is slot.capture:
-            seen["capture"].take_outputs(output)
+    keep_outputs = output_keeper(slot, seen)
 
     patches.setattr(llava, "prepare_inputs_labels_for_multimodal", prepare)
     patches.add_hook(llava.get_model().register_forward_hook(keep_outputs))  # hidden_states

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..capture import StepCapture
+from ..capture import StepCapture, output_keeper
 from ..config import ConfigError
 from ..patching import Patches
 
@@ -141,9 +141,7 @@ def install_capture(model, slot, *, visual_features: bool = False) -> Patches:
                                                      attention_mask=attn, labels=seen.get("labels"),
                                                      visual_features=feats)
 
-    def keep_outputs(module, args, output):
-        if seen.get("capture") is not None and seen["capture"] is slot.capture:
-            seen["capture"].take_outputs(output)
+    keep_outputs = output_keeper(slot, seen)
 
     patches.add_hook(vlm.register_forward_pre_hook(on_vlm, with_kwargs=True))
     patches.add_hook(language_model(model).register_forward_hook(keep_outputs))  # hidden_states
