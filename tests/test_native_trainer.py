@@ -187,3 +187,13 @@ def test_check_upstream_transformers():
                         "transformers"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "declared symbols match" in p.stdout and "forward+backward with rdd,pre ran" in p.stdout
+
+
+def test_trainer_with_none_attached_equals_plain_trainer(tmp_path):
+    plain = trainer_for(build("llava"), "llava", tmp_path / "plain")
+    plain.train()
+    with_none = trainer_for(build("llava"), "llava", tmp_path / "none")
+    attach(with_none, "none")
+    with_none.train()
+    assert [r["loss"] for r in rows(plain)] == [r["loss"] for r in rows(with_none)]
+    assert all("lm_loss" not in r for r in rows(with_none))

@@ -82,12 +82,19 @@ def test_detached_and_disabled_are_plain_transformers_bit_for_bit(kind):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     attach(model, "rdd,pre,attention_tuning").detach()
     assert not hasattr(model, "vlm_preserve_heads") and all(p.requires_grad for p in model.parameters())
-    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert [len(m._forward_pre_hooks) for m in model.modules()] == [0] * len(list(model.modules()))
     assert "save_pretrained" not in vars(model)
     loss, grads = grads_and_loss(model, batch)
     assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys()
     assert all(torch.equal(grads[k], ref_grads[k]) for k in grads)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+    off = attach(model, "none")  # disabled: attached but with no term, the model is untouched
+    assert hooks == [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+    loss, grads = grads_and_loss(model, batch)
+    assert torch.equal(loss, ref_loss) and all(torch.equal(grads[k], ref_grads[k]) for k in grads)
+    assert off.total_loss(loss)[0] is loss
+    off.detach()
     with pytest.raises(ConfigError, match="unknown term"):
         attach(model, "rdd,bogus")
 

@@ -35,6 +35,9 @@ class Attachment:
         self.model, self.adapter = model, adapter
         self.preserver = Preserver(configs, **adapter.model_dims(model))
         self.patches = Patches()
+        self.slot = _Slot()
+        if not self.preserver.active:  # "none": nothing installed, the model runs exactly as without the plugin
+            return
         heads = self.preserver.heads
         if len(heads):
             ref = next(adapter.llm_modules(model)[0].parameters())  # the embedding: the LLM's dtype and device
@@ -49,7 +52,6 @@ class Attachment:
                 self.patches.setattr(model, "save_pretrained", save_pretrained)
         previous = self.preserver.apply_attention_tuning(adapter.llm_modules(model), adapter.projector_modules(model))
         self.patches.call_on_undo(lambda: [p.requires_grad_(v) for p, v in previous.items()])
-        self.slot = _Slot()
         capture = adapter.install_capture(model, self.slot, visual_features=self.preserver.needs_visual_features)
         self.patches.call_on_undo(capture.undo)
 
@@ -69,6 +71,8 @@ class Attachment:
 
         Hidden states and logits come from the capture (the adapter hooks the modules that produce them),
         so trainers whose loss path runs extra forwards (TRL's metrics pass) still use the gradient-carrying one."""
+        if not self.preserver.active:
+            return lm_loss, {}
         cap, self.slot.capture = self.slot.capture, None
         if cap is None:
             raise RuntimeError("vlm-preserve: the last forward left no capture (no image input reached the model's "

@@ -40,11 +40,13 @@ class PreservingMixin:
         self._vp_micro = (-1, 0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        if num_items_in_batch is not None:
+            kwargs["num_items_in_batch"] = num_items_in_batch
+        if not self.preserver.active:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         extra = self._vp.forward_kwargs()
         if extra:
             inputs = {**inputs, **extra}
-        if num_items_in_batch is not None:
-            kwargs["num_items_in_batch"] = num_items_in_batch
         self._vp.begin_step()
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         lm_loss, outputs = result if return_outputs else (result, None)
