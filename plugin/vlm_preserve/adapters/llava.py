@@ -1,5 +1,7 @@
-"""Upstream LLaVA (haotian-liu/LLaVA, PyPI `llava-torch`): pinned in third_party/llava, every symbol
-touched declared in patches/llava/symbols.json.
+"""LLaVA-architecture codebases: upstream LLaVA (haotian-liu/LLaVA, PyPI `llava-torch`, pinned in
+third_party/llava) and Bunny (BAAI-DCAI/Bunny, third_party/bunny), whose models share the
+`prepare_inputs_labels_for_multimodal` / `get_model().mm_projector` interface. Every symbol touched is
+declared in patches/<upstream>/symbols.json.
 
 Image positions: upstream's `prepare_inputs_labels_for_multimodal` returns no image mask. We mark the
 caller's ignored labels (-100) with a spare value before the call; afterwards the only -100 labels
@@ -35,7 +37,8 @@ def model_dims(model) -> dict:
 def llm_modules(model) -> list:
     llava = find_llava(model)
     inner = llava.get_model()
-    return [inner.embed_tokens, inner.layers, inner.norm, llava.lm_head]
+    norm = getattr(inner, "norm", None) or getattr(inner, "final_layernorm", None)  # Bunny's Phi: final_layernorm
+    return [m for m in (inner.embed_tokens, inner.layers, norm, llava.lm_head) if m is not None]
 
 
 def projector_modules(model) -> list:
@@ -75,16 +78,17 @@ def install_capture(model, slot, *, visual_features: bool = False) -> Patches:
             seen["x"] = args[0]
         patches.add_hook(llava.get_model().mm_projector.register_forward_pre_hook(keep_input))
 
-    def prepare(input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None):
+    def prepare(input_ids, position_ids, attention_mask, past_key_values, labels, images, *rest):
+        # *rest: LLaVA's image_sizes; Bunny's signature ends at images
         if slot.capture is not None:  # the step's first forward is captured; later ones (metrics, eval) are not
-            return original(input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes)
+            return original(input_ids, position_ids, attention_mask, past_key_values, labels, images, *rest)
         seen.clear()
         ids = input_ids.clone()  # kept for feature ordering (Bunny's variant mutates input_ids)
         attn_in = attention_mask if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         marked = (labels.masked_fill(labels == IGNORE_INDEX, _SPARE) if labels is not None
                   else torch.full_like(input_ids, _SPARE))
         out_ids, pos, attn, pkv, embeds, new_labels = original(
-            input_ids, position_ids, attn_in, past_key_values, marked, images, image_sizes)
+            input_ids, position_ids, attn_in, past_key_values, marked, images, *rest)
         if embeds is None:  # upstream's text-only early return: hand back exactly what it was given
             return out_ids, pos, attention_mask, pkv, None, labels
         attn_b = attn.bool()

@@ -1,0 +1,123 @@
+"""Run an upstream's own `train()` with the plugin's flags added: shared by `llava-train` and `bunny-train`.
+
+Our flags are parsed (and validated, before any model loads) with the same HfArgumentParser dialect the
+upstreams use; the rest of the command line goes to upstream `train()` untouched. With
+`--regularizer none` (the default) nothing is patched: the run is plain upstream.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    command: str                 # console script name
+    package: str                 # import name
+    train_module: str            # module whose train() runs, and whose globals are rebound
+    trainer: str                 # the Trainer class name train() looks up in train_module
+    model_registry: str          # module whose import registers the upstream's configs with AutoConfig
+    install: str                 # how to install it
+    identify: Callable[[object], Optional[str]]  # given train_module: None if right, else what was found
+    passes_attn_implementation: bool = False
+
+
+@dataclass
+class LaunchArguments:
+    attn_implementation: Optional[str] = field(default=None, metadata={
+        "help": "Passed to upstream train(attn_implementation=...) (LLaVA): flash_attention_2 = upstream's train_mem.py."})
+
+
+def _parser(spec: UpstreamSpec):
+    from transformers import HfArgumentParser
+
+    from ..regularizers import CONFIG_CLASSES
+    extra = (LaunchArguments,) if spec.passes_attn_implementation else ()
+    return HfArgumentParser(CONFIG_CLASSES + extra, allow_abbrev=False, prog=spec.command,
+                            description=f"Upstream {spec.package} train() with vlm-preserve regularizers. "
+                                        "Every flag not listed here goes to upstream unchanged.")
+
+
+def given_flags(argv: list[str], names) -> set[str]:
+    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")} & set(names)
+
+
+def _fail(spec: UpstreamSpec, msg: str, code: int = 2):
+    print(f"{spec.command}: error: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def preflight(spec: UpstreamSpec, upstream, configs: dict, names: list[str], upstream_argv: list[str]):
+    """Everything checkable before a model loads: upstream's own flags, flag combinations, layer range."""
+    import transformers
+
+    from ..regularizers import PReConfig
+    parser = transformers.HfArgumentParser((upstream.ModelArguments, upstream.DataArguments, upstream.TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=upstream_argv)
+    if not names:
+        return
+    if model_args.vision_tower is None:
+        _fail(spec, f"--regularizer {','.join(names)} needs a vision tower (--vision_tower); without one upstream "
+                    "trains a plain language model and there is nothing to regularize.")
+    if "attention_tuning" in names and (training_args.lora_enable or model_args.tune_mm_mlp_adapter):
+        _fail(spec, "--regularizer attention_tuning is an alternative to --lora_enable / --tune_mm_mlp_adapter "
+                    "(it decides itself which LLM weights train); drop one of them.")
+    if "pre" in names:
+        importlib.import_module(spec.model_registry)
+        cfg = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path)
+        configs[PReConfig].layer_index(cfg.num_hidden_layers)
+
+
+def run(spec: UpstreamSpec, argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from ..config import ConfigError
+    from ..regularizers import CONFIG_CLASSES, validate
+
+    parser = _parser(spec)
+    if "-h" in argv or "--help" in argv:
+        parser.print_help()
+        print(f"\nUpstream flags (ModelArguments, DataArguments, TrainingArguments) are documented by upstream "
+              f"{spec.package}: python -m {spec.train_module} --help")
+        return
+    *cfgs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    launch = cfgs.pop() if spec.passes_attn_implementation else None
+    configs = {type(c): c for c in cfgs}
+    try:
+        names = validate(configs, given_flags(argv, [f.name for c in CONFIG_CLASSES for f in dataclasses.fields(c)]))
+    except ConfigError as e:
+        _fail(spec, str(e))
+    try:
+        upstream = importlib.import_module(spec.train_module)
+    except ImportError as e:
+        _fail(spec, f"{spec.install}\n({type(e).__name__}: {e})")
+    wrong = spec.identify(upstream)
+    if wrong:
+        _fail(spec, f"{wrong}\n{spec.install}")
+    try:
+        preflight(spec, upstream, configs, names, rest)
+    except ConfigError as e:
+        _fail(spec, str(e))
+
+    from ..patching import Patches
+    with Patches() as patches:
+        if names:
+            from ..adapters import llava as adapter
+            from ..attachment import without_heads
+            from ..trainer import preserving_trainer_class
+            patches.setattr(upstream, spec.trainer, preserving_trainer_class(getattr(upstream, spec.trainer), configs, adapter))
+            for fn in ("get_peft_state_maybe_zero_3", "get_peft_state_non_lora_maybe_zero_3"):
+                original = getattr(upstream, fn)
+                patches.setattr(upstream, fn, lambda *a, _f=original, **k: without_heads(_f(*a, **k)))
+            adapter.allow_numpy_rng_state(patches)
+        old_argv = sys.argv
+        sys.argv = [old_argv[0] if old_argv else spec.command] + rest
+        try:
+            if spec.passes_attn_implementation:
+                upstream.train(attn_implementation=launch.attn_implementation)
+            else:
+                upstream.train()
+        finally:
+            sys.argv = old_argv
