@@ -2,6 +2,7 @@
 # Create (or reuse) the virtual environment for one upstream and install everything from PyPI.
 #   bash scripts/setup_env.sh llava          -> .venv/llava : upstream LLaVA (transformers 4.36.2) + its tested set
 #   bash scripts/setup_env.sh transformers   -> .venv/transformers : current transformers 5.x + TRL
+#   bash scripts/setup_env.sh bunny          -> .venv/bunny : upstream Bunny from the checkout at $VLM_PRESERVE_BUNNY_SRC
 # Re-running is cheap: the install is skipped while the requirement files are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,12 @@ py="${PYTHON:-python3}"
 case "$name" in
   llava) reqs=(third_party/llava/requirements.txt) ;;
   transformers) reqs=(third_party/transformers/requirements.txt) ;;
-  *) echo "setup_env.sh: unknown environment '$name' (known: llava, transformers)" >&2; exit 2 ;;
+  bunny)
+    reqs=(third_party/bunny/requirements.txt)
+    if [ ! -f "${VLM_PRESERVE_BUNNY_SRC:-}/bunny/train/train.py" ]; then
+      echo "setup_env.sh: bunny needs VLM_PRESERVE_BUNNY_SRC=<checkout of BAAI-DCAI/Bunny @ 08273ac>" >&2; exit 2
+    fi ;;
+  *) echo "setup_env.sh: unknown environment '$name' (known: llava, transformers, bunny)" >&2; exit 2 ;;
 esac
 
 stamp="$venv/.installed"
@@ -35,6 +41,11 @@ case "$name" in
     # Upstream's LoRA and projector-only save paths import deepspeed unconditionally. No build isolation,
     # so its build uses the pinned torch instead of fetching another.
     "${pip[@]}" install --no-build-isolation deepspeed==0.19.8
+    ;;
+  bunny)
+    "${pip[@]}" install --no-deps timm==1.0.15
+    "${pip[@]}" install --no-build-isolation deepspeed==0.19.8
+    # the checkout itself is put on PYTHONPATH by the caller (test.sh), never copied into this repo
     ;;
 esac
 echo "$want" > "$stamp"

@@ -73,12 +73,37 @@ def _tokenizer(path: Path, rng: random.Random):
     return tok
 
 
+def _records(images_dir: Path, rng: random.Random, n_image_samples: int, n_text_samples: int) -> list:
+    """A LLaVA-format dataset (also Bunny's): generated shape images, some multi-turn, some text-only."""
+    import numpy as np
+    from PIL import Image
+
+    records = []
+    for i in range(n_image_samples):
+        arr = np.zeros((32 + 8 * (i % 3), 32, 3), dtype=np.uint8)  # some non-square: exercises 'pad'
+        color = [rng.randrange(256) for _ in range(3)]
+        y, x = rng.randrange(0, 16), rng.randrange(0, 16)
+        arr[y:y + 12, x:x + 12] = color
+        name = f"img_{i:03d}.png"
+        Image.fromarray(arr).save(images_dir / name)
+        q = _sentence(rng, rng.randint(3, 8))
+        a = _sentence(rng, rng.randint(2, 10))
+        conv = [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
+        if i % 4 == 0:  # multi-turn
+            conv += [{"from": "human", "value": _sentence(rng, 4)}, {"from": "gpt", "value": _sentence(rng, 5)}]
+        records.append({"id": f"img{i}", "image": name, "conversations": conv})
+    for i in range(n_text_samples):
+        records.append({"id": f"txt{i}", "conversations": [
+            {"from": "human", "value": _sentence(rng, rng.randint(4, 9))},
+            {"from": "gpt", "value": _sentence(rng, rng.randint(6, 14))}]})
+    rng.shuffle(records)
+    return records
+
+
 def build_tiny_llava(root: str | os.PathLike, *, seed: int = 0, hidden_size: int = 64, layers: int = 4,
                      n_image_samples: int = 24, n_text_samples: int = 8) -> TinyLlavaFixture:
     """Write the fixture under `root` (created) and return its paths."""
-    import numpy as np
     import torch
-    from PIL import Image
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
                               LlamaForCausalLM)
 
@@ -101,24 +126,80 @@ def build_tiny_llava(root: str | os.PathLike, *, seed: int = 0, hidden_size: int
     CLIPVisionModel(vcfg).save_pretrained(fx.vision, safe_serialization=True)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(fx.vision)
 
-    records = []
-    for i in range(n_image_samples):
-        arr = np.zeros((32 + 8 * (i % 3), 32, 3), dtype=np.uint8)  # some non-square: exercises 'pad'
-        color = [rng.randrange(256) for _ in range(3)]
-        y, x = rng.randrange(0, 16), rng.randrange(0, 16)
-        arr[y:y + 12, x:x + 12] = color
-        name = f"img_{i:03d}.png"
-        Image.fromarray(arr).save(fx.images / name)
-        q = _sentence(rng, rng.randint(3, 8))
-        a = _sentence(rng, rng.randint(2, 10))
-        conv = [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
-        if i % 4 == 0:  # multi-turn
-            conv += [{"from": "human", "value": _sentence(rng, 4)}, {"from": "gpt", "value": _sentence(rng, 5)}]
-        records.append({"id": f"img{i}", "image": name, "conversations": conv})
-    for i in range(n_text_samples):
-        records.append({"id": f"txt{i}", "conversations": [
-            {"from": "human", "value": _sentence(rng, rng.randint(4, 9))},
-            {"from": "gpt", "value": _sentence(rng, rng.randint(6, 14))}]})
-    rng.shuffle(records)
+    records = _records(fx.images, rng, n_image_samples, n_text_samples)
     fx.data.write_text(json.dumps(records, indent=1))
     return fx
+
+
+BUNNY_MODEL_TYPES = {"phi-2": "phi", "qwen1.5-1.8b": "qwen2"}
+_EOT = "<|endoftext|>"
+
+
+def _byte_bpe_tokenizer(path: Path, rng: random.Random):
+    """A byte-level BPE tokenizer without BOS whose only special token is <|endoftext|> (bos = eos = unk),
+    the shape of phi-2's and Qwen1.5's tokenizers, which Bunny's `bunny` template is written for."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+              "helpful, detailed, and polite answers to the user's questions. USER: ASSISTANT:")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=[_EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_sentence(rng, 12) for _ in range(400)] + [system] * 200, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=_EOT, eos_token=_EOT, unk_token=_EOT)
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_tiny_bunny(root: str | os.PathLike, model_type: str = "phi-2", *, seed: int = 0, hidden_size: int = 64,
+                     layers: int = 4, n_image_samples: int = 24, n_text_samples: int = 8) -> TinyLlavaFixture:
+    """The Bunny counterpart of `build_tiny_llava`: the LLM is built with Bunny's own vendored classes (so
+    its weights load exactly as Bunny's train() expects), the vision tower is a tiny SigLIP."""
+    import torch
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    if model_type not in BUNNY_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r}: fixtures exist for {', '.join(BUNNY_MODEL_TYPES)}")
+    root = Path(root)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    fx = TinyLlavaFixture(root, root / "llm", root / "siglip_vision", root / "data.json", root / "images")
+    for p in (fx.llm, fx.vision, fx.images):
+        p.mkdir(parents=True, exist_ok=True)
+    tok = _byte_bpe_tokenizer(fx.llm, rng)
+    common = dict(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                  num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if BUNNY_MODEL_TYPES[model_type] == "phi":
+        from bunny.model.language_model.phi import PhiConfig, PhiForCausalLM
+        model = PhiForCausalLM(PhiConfig(**common, partial_rotary_factor=0.5))
+    else:
+        from bunny.model.language_model.qwen2 import Qwen2Config, Qwen2ForCausalLM
+        model = Qwen2ForCausalLM(Qwen2Config(**common, num_key_value_heads=2))
+    model.save_pretrained(fx.llm, safe_serialization=True)
+    vcfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    SiglipVisionModel(vcfg).save_pretrained(fx.vision, safe_serialization=True)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(fx.vision)
+    fx.data.write_text(json.dumps(_records(fx.images, rng, n_image_samples, n_text_samples), indent=1))
+    fx.model_type = model_type
+    return fx
+
+
+def bunny_train_args(fx: TinyLlavaFixture, output_dir, **overrides) -> list[str]:
+    """Upstream Bunny `train()` flags for a short CPU run on a `build_tiny_bunny` fixture."""
+    base = {"model_type": fx.model_type, "version": "bunny", "mm_vision_select_layer": None,
+            "mm_use_im_start_end": None, "mm_use_im_patch_token": None, "model_max_length": "128"}
+    args = fx.train_args(output_dir, **{k: v for k, v in base.items() if v is not None}, **overrides)
+    drop = {k for k, v in base.items() if v is None}
+    out, i = [], 0
+    while i < len(args):  # LLaVA-only flags Bunny's dataclasses do not have
+        if args[i][2:] in drop:
+            i += 2
+            continue
+        out += args[i:i + 2]
+        i += 2
+    return out
