@@ -139,3 +139,53 @@ def test_image_mask_is_where_bunny_placed_the_image_features(fx):
     assert cap.image_mask.sum(1).tolist() == [feats.shape[1] if h else 0 for h in has_image.tolist()]
     names = [type(m).__name__ for m in adapter.llm_modules(model)]
     assert len(names) == 4  # embed, layers, final norm (Phi: final_layernorm), lm_head
+
+
+def _checkout() -> Path:
+    import bunny
+    return Path(list(bunny.__path__)[0]).resolve().parent  # a namespace package: no __init__.py
+
+
+def vlm_preserve(*args):
+    return subprocess.run([sys.executable, "-c", "from vlm_preserve.cli import entry; entry()", *args],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+
+
+def test_check_upstream_passes_on_the_pinned_checkout():
+    p = vlm_preserve("check-upstream", "bunny", "--source", str(_checkout()))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "declared symbols match" in p.stdout and "forward+backward with rdd,pre ran" in p.stdout
+
+
+def test_check_upstream_names_drift_in_a_doctored_checkout(tmp_path):
+    import shutil
+    shutil.copytree(_checkout() / "bunny", tmp_path / "bunny")
+    arch = tmp_path / "bunny" / "model" / "bunny_arch.py"
+    text = arch.read_text()
+    assert "past_key_values, labels, images\n" in text
+    arch.write_text(text.replace("past_key_values, labels, images\n", "past_key_values, labels, pixel_values\n", 1))
+    p = vlm_preserve("check-upstream", "bunny", "--source", str(tmp_path), "--skip-run")
+    assert p.returncode == 1
+    assert "DRIFT bunny.model.bunny_arch:BunnyMetaForCausalLM.prepare_inputs_labels_for_multimodal" in p.stderr
+    assert "pixel_values" in p.stderr and f"source tree {tmp_path}" in p.stderr
+
+
+@pytest.mark.parametrize("reg,lora", [("rdd,pre", "0"), ("pre", "1"), ("soft_label", "0")])
+def test_launch_script_flags_are_all_known(reg, lora):
+    import shlex
+
+    import transformers
+    from bunny.train import train as upstream
+
+    from vlm_preserve.cli.bunny_train import SPEC
+    from vlm_preserve.cli.launch import _parser
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run(["bash", root / "scripts" / "bunny" / "finetune.sh", reg], capture_output=True, text=True,
+                       env=dict(os.environ, DRY_RUN="1", BUNNY_TRAIN="bunny-train", LORA=lora))
+    assert p.returncode == 0, p.stderr
+    words = shlex.split(p.stdout)
+    args = words[words.index("bunny-train") + 1:]
+    ours, rest = _parser(SPEC).parse_known_args(args)
+    assert ours.regularizer == reg
+    up = transformers.HfArgumentParser((upstream.ModelArguments, upstream.DataArguments, upstream.TrainingArguments))
+    assert up.parse_known_args(rest)[1] == []

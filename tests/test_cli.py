@@ -102,3 +102,16 @@ def test_readme_flag_table_matches_the_config_definitions():
             assert f"| `--{f.name}` | `{f.default}` |" in readme, f.name
     for f in dataclasses.fields(LlavaLaunchArguments):
         assert f"| `--{f.name}` |" in readme
+
+
+def test_llava_train_refuses_nvilas_llava_package(tmp_path):
+    """NVILA (NVlabs/VILA) installs a package also named `llava`: say what was found and what is needed."""
+    pkg = tmp_path / "llava" / "train"
+    pkg.mkdir(parents=True)
+    (tmp_path / "llava" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "args.py").write_text("")
+    (pkg / "train.py").write_text("def train():\n    raise SystemExit('must not run')\n")
+    p, _ = llava_train(["--regularizer", "rdd"], PYTHONPATH=os.pathsep.join([str(tmp_path)] + sys.path))
+    assert p.returncode == 2
+    assert "not upstream LLaVA" in p.stderr and "NVILA" in p.stderr and "llava-torch==1.2.2.post1" in p.stderr

@@ -93,15 +93,26 @@ def _tiny_run_transformers() -> str | None:
 def _tiny_run(upstream: str = "llava") -> str | None:
     if upstream == "transformers":
         return _tiny_run_transformers()
+    if upstream == "bunny":
+        return _tiny_run_launcher("bunny")
+    return _tiny_run_launcher("llava")
+
+
+def _tiny_run_launcher(upstream: str) -> str | None:
     import torch
 
-    from .cli.llava_train import main as llava_train
-    from .fixtures import build_tiny_llava
+    from . import fixtures
     with tempfile.TemporaryDirectory() as tmp:
-        fx = build_tiny_llava(Path(tmp) / "fx", n_image_samples=4, n_text_samples=2)
+        if upstream == "bunny":
+            from .cli.bunny_train import main as train
+            fx = fixtures.build_tiny_bunny(Path(tmp) / "fx", "phi-2", n_image_samples=4, n_text_samples=2)
+            args = fixtures.bunny_train_args(fx, Path(tmp) / "run", max_steps=1, per_device_train_batch_size=6)
+        else:
+            from .cli.llava_train import main as train
+            fx = fixtures.build_tiny_llava(Path(tmp) / "fx", n_image_samples=4, n_text_samples=2)
+            args = fx.train_args(Path(tmp) / "run", max_steps=1, per_device_train_batch_size=6)
         torch.manual_seed(0)
-        llava_train(fx.train_args(Path(tmp) / "run", max_steps=1, per_device_train_batch_size=6)
-                    + ["--regularizer", "rdd,pre"])
+        train(args + ["--regularizer", "rdd,pre"])
         hist = json.loads((Path(tmp) / "run" / "trainer_state.json").read_text())["log_history"]
         row = next((r for r in hist if "loss" in r), {})
         bad = [k for k in ("loss", "rdd_loss", "pre_loss") if not (k in row and row[k] == row[k] and abs(row[k]) < 1e6)]
