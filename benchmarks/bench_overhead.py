@@ -3,8 +3,8 @@
     PYTHONPATH=plugin python benchmarks/bench_overhead.py [--quick] [--json PATH] [--skip a|b]
 
 A: CPU reference shape, end to end: upstream LLaVA train() on a widened tiny fixture, plain upstream and
-   `llava-train --regularizer none|rdd|pre|rdd,pre`, one fresh subprocess per run, configs interleaved over
-   repeats. Step = on_step_begin -> on_step_end (fwd, bwd, optimizer); memory = peak RSS.
+   `llava-train --regularizer none|rdd|pre|rdd,pre`, one fresh 1-thread subprocess per run, configs interleaved
+   over repeats. Step = on_step_begin -> on_step_end (fwd, bwd, optimizer); memory = peak RSS.
 B: LLaVA-1.5-7B shape, the terms alone on CPU: time (fp32, against a GEMM timed just before each rep) and
    peak extra memory (fp32 and bf16 inputs) of forward+backward, against an *estimated* 7B step.
 """
@@ -64,16 +64,17 @@ def worker_train(config: str, fixture: str, out: str, steps: int, batch: int) ->
     from vlm_preserve.fixtures import TinyLlavaFixture
 
     class Probe(TrainerCallback):
-        r = {"step_s": [], "tokens": [], "padded": []}
+        r = {"step_s": [], "cpu_s": [], "tokens": [], "padded": []}
 
         def on_train_begin(self, *a, **k):
             self.r["train_begin_rss"] = reset_peak()
 
         def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             self.r["step_s"].append(time.perf_counter() - self.t0)
+            self.r["cpu_s"].append(time.process_time() - self.c0)  # all threads; robust to other load
 
         def on_train_end(self, *a, **k):
             self.r["peak_rss"] = _status("VmHWM")  # peak since train begin
@@ -173,32 +174,39 @@ def part_a(args, tmp: str) -> dict:
     runs = {c: [] for c in CONFIGS}
     for rep in range(args.repeats):
         for c in (CONFIGS if rep % 2 == 0 else CONFIGS[::-1]):
-            r = run_worker("--_train", c, fx.root, os.path.join(tmp, f"r{rep}{c}"), args.a_steps, args.a_batch)
-            r["median_step_s"] = med(r["step_s"][args.a_warmup:])
+            r = run_worker("--_train", c, fx.root, os.path.join(tmp, f"r{rep}{c}"), args.a_steps, args.a_batch,
+                           env_extra={"OMP_NUM_THREADS": "1"})  # 1 thread: CPU time = work, even under other load
+            r["median_step_s"], r["median_cpu_s"] = med(r["step_s"][args.a_warmup:]), med(r["cpu_s"][args.a_warmup:])
             runs[c].append(r)
-            print(f"  A rep {rep} {c:8s} {r['median_step_s'] * 1e3:7.1f} ms/step", flush=True)
-    keys = ("median_step_s", "peak_rss", "train_peak_rise")
+            print(f"  A rep {rep} {c:8s} {r['median_step_s'] * 1e3:7.1f} ms/step, {r['median_cpu_s'] * 1e3:7.1f} "
+                  "CPU ms/step", flush=True)
+    keys = ("median_step_s", "median_cpu_s", "peak_rss", "train_peak_rise")
     w = args.a_warmup  # same seed: every config sees the same batches in the same order -> per-step ratios
-    res = {c: {**{k: med(r[k] for r in runs[c]) for k in keys}, "paired_ratio": med(
-               a / b for rc, rn in zip(runs[c], runs["none"]) for a, b in zip(rc["step_s"][w:], rn["step_s"][w:])),
-               "runs": [{k: r[k] for k in ("step_s", *keys[1:])} for r in runs[c]]} for c in CONFIGS}
+    paired = lambda c, k: med(a / b for rc, rn in zip(runs[c], runs["none"])  # noqa: E731
+                              for a, b in zip(rc[k][w:], rn[k][w:]))
+    res = {c: {**{k: med(r[k] for r in runs[c]) for k in keys}, "paired_wall": paired(c, "step_s"),
+               "paired_cpu": paired(c, "cpu_s"),
+               "runs": [{k: r[k] for k in ("step_s", "cpu_s", *keys[2:])} for r in runs[c]]} for c in CONFIGS}
     r0, n = runs["none"][0], res["none"]
     lens = [s[1] for s in r0["padded"]]
-    shape = {"batch": args.a_batch, "hidden": args.a_hidden, "layers": args.a_layers, "steps": args.a_steps,
+    shape = {"batch": args.a_batch, "hidden": args.a_hidden, "layers": args.a_layers, "threads": 1,
+             "steps": args.a_steps,
              "warmup_steps_dropped": args.a_warmup, "repeats": args.repeats, "padded_len": [min(lens), max(lens)],
              "mean_attended_tokens_per_batch": statistics.mean(r0["tokens"]), "visual_tokens_per_image": 16}
     print(f"\nPart A: CPU reference shape, upstream LLaVA train(), batch {args.a_batch}, width {args.a_hidden}, "
-          f"{args.a_layers} layers (4 heads, MLP {2 * args.a_hidden}), padded length {min(lens)}..{max(lens)}, "
+          f"{args.a_layers} layers (4 heads, MLP {2 * args.a_hidden}), 1 thread, padded length {min(lens)}.."
+          f"{max(lens)}, "
           f"mean {shape['mean_attended_tokens_per_batch']:.0f} attended tokens/batch (16 visual per image); "
           f"median of {args.repeats} runs, each the median of {args.a_steps - args.a_warmup} steps")
-    print(f"{'config':9s} {'ms/step':>8s} {'x none':>7s} {'paired':>7s} {'peak RSS MiB':>13s} {'x none':>7s} "
-          f"{'rise MiB':>9s}")
+    print(f"{'config':9s} {'wall ms':>8s} {'x none':>7s} {'CPU ms':>8s} {'x none':>7s} {'peak RSS MiB':>13s} "
+          f"{'x none':>7s} {'rise MiB':>9s}")
     for c in CONFIGS:
         r = res[c]
-        print(f"{c:9s} {r['median_step_s'] * 1e3:8.1f} {r['median_step_s'] / n['median_step_s']:7.3f} "
-              f"{r['paired_ratio']:7.3f} "
-              f"{r['peak_rss'] / MIB:13.0f} {r['peak_rss'] / n['peak_rss']:7.3f} {r['train_peak_rise'] / MIB:9.1f}")
-    print("  ms/step: median; paired: median over (repeat, step) of step time / none's on the same batch;\n"
+        print(f"{c:9s} {r['median_step_s'] * 1e3:8.1f} {r['paired_wall']:7.3f} {r['median_cpu_s'] * 1e3:8.1f} "
+              f"{r['paired_cpu']:7.3f} {r['peak_rss'] / MIB:13.0f} {r['peak_rss'] / n['peak_rss']:7.3f} "
+              f"{r['train_peak_rise'] / MIB:9.1f}")
+    print("  wall/CPU ms: per step, median over steps then runs; CPU = process CPU time (1 torch thread);\n"
+          "  x none: median over (repeat, step) of the ratio to none's time on the same batch;\n"
           "  peak RSS: whole process, peak during train() (VmHWM reset at train begin); rise: that peak - RSS at begin")
     return {"shape": shape, "configs": res}
 
@@ -301,8 +309,8 @@ def main() -> None:
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)
     print(f"\nwall {info['wall_s']:.0f} s; 1-min load average at start {info['loadavg_start'][0]:.2f}, at end "
-          f"{info['loadavg_end'][0]:.2f} ({os.cpu_count()} CPUs; our runs alone load ~{os.cpu_count()}: more means "
-          f"other processes competed); JSON: {args.json}")
+          f"{info['loadavg_end'][0]:.2f} ({os.cpu_count()} CPUs; our runs alone load ~1 in A, ~2 in B: "
+          f"more means other processes competed); JSON: {args.json}")
 
 
 if __name__ == "__main__":

@@ -94,13 +94,13 @@ def test_check_upstream_fails_clearly_on_a_doctored_checkout(tmp_path):
 def test_readme_flag_table_matches_the_config_definitions():
     import dataclasses
 
-    from vlm_preserve.cli.llava_train import LlavaLaunchArguments
+    from vlm_preserve.cli.launch import LaunchArguments
     from vlm_preserve.regularizers import CONFIG_CLASSES
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for cls in CONFIG_CLASSES:
         for f in dataclasses.fields(cls):
             assert f"| `--{f.name}` | `{f.default}` |" in readme, f.name
-    for f in dataclasses.fields(LlavaLaunchArguments):
+    for f in dataclasses.fields(LaunchArguments):
         assert f"| `--{f.name}` |" in readme
 
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import importlib.util
 
-from .launch import LaunchArguments, UpstreamSpec, _parser as _spec_parser, run  # noqa: F401
+from .launch import UpstreamSpec, _parser as _spec_parser, run
 
 LLAVA_INSTALL = ("upstream LLaVA is not installed. Install the pinned version with:\n"
                  "  pip install --no-deps llava-torch==1.2.2.post1\n"
                  "  pip install -r third_party/llava/requirements.txt   (see third_party/llava/README.md)")
-LlavaLaunchArguments = LaunchArguments
 
 
 def _identify(train_module) -> str | None:
