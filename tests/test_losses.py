@@ -82,7 +82,7 @@ def test_bandwidth_scaling(xy):
 def test_mean_heuristic_closed_form(xy):
     z = torch.cat(xy).double()
     n = z.shape[0]
-    assert mean_heuristic_sigma2(z).item() == pytest.approx((torch.cdist(z, z).pow(2).sum() / (n * (n - 1))).item(), rel=1e-5)
+    assert mean_heuristic_sigma2(*xy).item() == pytest.approx((torch.cdist(z, z).pow(2).sum() / (n * (n - 1))).item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("kernel", ["rbf", "poly"])
@@ -193,3 +193,18 @@ def test_soft_label_with_nothing_supervised_is_zero():
     logits = torch.randn(1, 4, 5, requires_grad=True)
     out = soft_label_loss(logits, torch.full((1, 4), -100), "uniform", 0.1)
     assert out.item() == 0.0 and not math.isnan(out.item())
+
+
+def test_chunked_pre_loss_equals_the_plain_formula_in_value_and_gradient():
+    from vlm_preserve.regularizers.pre import head_pre_loss
+    torch.manual_seed(0)
+    head = PReHead(16, 8)
+    h = torch.randn(2500, 16, requires_grad=True)
+    anchor = torch.randn(2500, 8)
+    plain = pre_loss(head(h), anchor)
+    g_plain = torch.autograd.grad(plain, [h, *head.parameters()])
+    chunked = head_pre_loss(head, h, anchor, chunk=700)
+    g_chunked = torch.autograd.grad(chunked, [h, *head.parameters()])
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
+    for a, b in zip(g_plain, g_chunked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

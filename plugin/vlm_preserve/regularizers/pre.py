@@ -11,6 +11,8 @@ visual features:
 
 f_pred: Linear(d, d) → GELU → Linear(d, d_anchor) (the paper does not report width or activation).
 It exists only in training: saved in Trainer checkpoints, never in an exported model.
+Memory: the head and the cosine run over chunks of `PRE_CHUNK` tokens, each recomputed in backward, so the
+step holds one chunk of head activations, not (visual tokens × d) several times over.
 Layer l is 0-based; `middle` = num_layers // 2 (Vicuna-7B: 16 of 32).
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..capture import StepCapture
 from ..config import ConfigError, choice
@@ -58,9 +61,30 @@ class PReHead(nn.Sequential):
         super().__init__(nn.Linear(d_in, d_in), nn.GELU(), nn.Linear(d_in, d_out))
 
 
+PRE_CHUNK = 1024
+
+
 def pre_loss(pred: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     """−mean per-token cosine, fp32; the anchor carries no gradient."""
     return -F.cosine_similarity(pred.float(), anchor.detach().float(), dim=-1, eps=1e-6).mean()
+
+
+def _cos_sum(head: nn.Module, h: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    pred = head(h.to(head[0].weight.dtype))
+    return F.cosine_similarity(pred.float(), anchor.float(), dim=-1, eps=1e-6).sum()
+
+
+def head_pre_loss(head: nn.Module, h: torch.Tensor, anchor: torch.Tensor, chunk: int = PRE_CHUNK) -> torch.Tensor:
+    """pre_loss(head(h), anchor), computed chunk by chunk with activation checkpointing (same value)."""
+    anchor = anchor.detach()
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        args = (head, h[i:i + chunk], anchor[i:i + chunk])
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_cos_sum, *args, use_reentrant=False)
+        else:
+            total = total + _cos_sum(*args)
+    return -total / h.shape[0]
 
 
 class PRe:
@@ -83,5 +107,4 @@ class PRe:
         if not valid:  # still run the head (ZeRO-3 gathers its weights on every rank), weighted by 0
             h = cap.hidden_states[self.layer + 1].new_zeros(1, self.head[0].in_features)
             anchor = h.new_ones(1, self.head[-1].out_features)
-        w = self.head[0].weight
-        return pre_loss(self.head(h.to(w.dtype)), anchor), valid
+        return head_pre_loss(self.head, h, anchor), valid

@@ -51,13 +51,14 @@ class RDDConfig:
             raise ConfigError("--rdd_max_tokens must be >= 0 (0 = no cap) and --rdd_block_size > 0.")
 
 
-def mean_heuristic_sigma2(z: torch.Tensor) -> torch.Tensor:
-    """mean over distinct pairs of ‖z_a − z_b‖² = 2n/(n−1) · (mean ‖z‖² − ‖mean z‖²), without the n² matrix."""
-    n = z.shape[0]
+def mean_heuristic_sigma2(*parts: torch.Tensor) -> torch.Tensor:
+    """Over the pooled sample z = parts[0] ∪ parts[1] ∪ ..., the mean over distinct pairs of ‖z_a − z_b‖²
+    = 2n/(n−1) · (mean ‖z‖² − ‖mean z‖²): O(n·d), no n² matrix and no pooled copy."""
     with torch.no_grad():
-        z = z.float()
-        v = z.pow(2).sum(-1).mean() - z.mean(0).pow(2).sum()
-        return (2 * v * n / max(n - 1, 1)).clamp_min(1e-12)
+        n = sum(p.shape[0] for p in parts)
+        sq = sum(p.float().pow(2).sum() for p in parts) / n
+        mean = sum(p.float().sum(0) for p in parts) / n
+        return (2 * (sq - mean.pow(2).sum()) * n / max(n - 1, 1)).clamp_min(1e-12)
 
 
 def _block_kernel_sum(a: torch.Tensor, b: torch.Tensor, kernel: str, inv_two_sigma2, d: int) -> torch.Tensor:
@@ -94,7 +95,7 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, kernel: str = "rbf", bandwidth_scale:
         return torch.linalg.vector_norm(x.mean(0) - y.mean(0))
     inv = None
     if kernel == "rbf":
-        inv = 1.0 / (2 * bandwidth_scale * mean_heuristic_sigma2(torch.cat([x, y])))
+        inv = 1.0 / (2 * bandwidth_scale * mean_heuristic_sigma2(x, y))
     kxx = kernel_mean(x, x, kernel, inv, block_size)
     kyy = kernel_mean(y, y, kernel, inv, block_size)
     kxy = kernel_mean(x, y, kernel, inv, block_size)
