@@ -74,7 +74,7 @@ def worker_train(config: str, fixture: str, out: str, steps: int, batch: int) ->
 
         def on_step_end(self, *a, **k):
             self.r["step_s"].append(time.perf_counter() - self.t0)
-            self.r["cpu_s"].append(time.process_time() - self.c0)  # all threads; robust to other load
+            self.r["cpu_s"].append(time.process_time() - self.c0)  # process CPU time: less hit by other load
 
         def on_train_end(self, *a, **k):
             self.r["peak_rss"] = _status("VmHWM")  # peak since train begin
@@ -190,13 +190,12 @@ def part_a(args, tmp: str) -> dict:
     r0, n = runs["none"][0], res["none"]
     lens = [s[1] for s in r0["padded"]]
     shape = {"batch": args.a_batch, "hidden": args.a_hidden, "layers": args.a_layers, "threads": 1,
-             "steps": args.a_steps,
-             "warmup_steps_dropped": args.a_warmup, "repeats": args.repeats, "padded_len": [min(lens), max(lens)],
-             "mean_attended_tokens_per_batch": statistics.mean(r0["tokens"]), "visual_tokens_per_image": 16}
+             "steps": args.a_steps, "warmup_steps_dropped": args.a_warmup, "repeats": args.repeats,
+             "padded_len": [min(lens), max(lens)], "visual_tokens_per_image": 16,
+             "mean_attended_tokens_per_batch": statistics.mean(r0["tokens"])}
     print(f"\nPart A: CPU reference shape, upstream LLaVA train(), batch {args.a_batch}, width {args.a_hidden}, "
           f"{args.a_layers} layers (4 heads, MLP {2 * args.a_hidden}), 1 thread, padded length {min(lens)}.."
-          f"{max(lens)}, "
-          f"mean {shape['mean_attended_tokens_per_batch']:.0f} attended tokens/batch (16 visual per image); "
+          f"{max(lens)}, mean {shape['mean_attended_tokens_per_batch']:.0f} attended tokens/batch (16 visual/image); "
           f"median of {args.repeats} runs, each the median of {args.a_steps - args.a_warmup} steps")
     print(f"{'config':9s} {'wall ms':>8s} {'x none':>7s} {'CPU ms':>8s} {'x none':>7s} {'peak RSS MiB':>13s} "
           f"{'x none':>7s} {'rise MiB':>9s}")
@@ -219,9 +218,9 @@ def part_b(args) -> dict:
     flops = {"rdd": rdd_flops(min(cap, B * nt), min(cap, B * nv), d), "pre": pre_flops(B * nv, d, d)}
     head_states = 16 * (2 * d * d + 2 * d) / GPUS  # the PRe head's own ZeRO-3 model states
     out = {"shape": {"batch": B, "text_tokens": nt, "visual_tokens": nv, "width": d, "layers": LAYERS_7B,
-                     "params": P_7B,
-                     "vocab": VOCAB_7B, "gpus": GPUS, "rdd_cap": cap, "rdd_block": rc.rdd_block_size,
-                     "rdd_kernel": rc.rdd_kernel}, "step_flops": sf, "step_memory_est_bytes": sm,
+                     "params": P_7B, "vocab": VOCAB_7B, "gpus": GPUS, "rdd_cap": cap,
+                     "rdd_block": rc.rdd_block_size, "rdd_kernel": rc.rdd_kernel},
+           "step_flops": sf, "step_memory_est_bytes": sm,
            "pre_head_zero3_states_bytes": head_states}
     for term in ("rdd", "pre"):
         r = run_worker("--_term", term, "time", "fp32", B, nt, nv, d, cap, args.b_reps)
@@ -284,7 +283,7 @@ def main() -> None:
     if sys.argv[1:2] == ["--_term"]:
         return print(json.dumps(worker_term(*sys.argv[2:5], *map(int, sys.argv[5:]))))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="~1.5 minute smoke run: fewer steps/repeats, batch 2 in B")
+    ap.add_argument("--quick", action="store_true", help="~2 minute smoke run: fewer steps/repeats, batch 2 in B")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_overhead.json"))
     ap.add_argument("--skip", choices=["a", "b"], help="skip one part")
     args = ap.parse_args()
