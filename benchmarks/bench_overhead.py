@@ -106,7 +106,7 @@ def worker_train(config: str, fixture: str, out: str, steps: int, batch: int) ->
 
 def worker_term(term: str, mode: str, dtype: str, B: int, nt: int, nv: int, d: int, cap: int, reps: int) -> dict:
     import torch
-    from vlm_preserve.regularizers.pre import PReHead, pre_loss
+    from vlm_preserve.regularizers.pre import PReHead, head_pre_loss
     from vlm_preserve.regularizers.rdd import RDDConfig, mmd2, subsample
 
     torch.manual_seed(0)
@@ -119,13 +119,13 @@ def worker_term(term: str, mode: str, dtype: str, B: int, nt: int, nv: int, d: i
             g = torch.Generator().manual_seed(seed)
             xs, ys = (x, y) if n is None else (x[:n], y[:n])
             return mmd2(subsample(xs, c, g), subsample(ys, c, g), rc.rdd_kernel, rc.rdd_bandwidth_scale, blk)
-    else:  # middle-layer visual hidden states -> head (in the model dtype, as Attachment casts it) -> pre_loss
+    else:  # middle-layer visual hidden states -> head (in the model dtype, as Attachment casts it) -> loss, as PRe.loss
         head, anchor = PReHead(d, d).to(dt), torch.randn(B * nv, d, dtype=dt)
         h = torch.randn(B * nv, d, dtype=dt).requires_grad_()
         inputs = [h, *head.parameters()]
 
         def fwd(seed, n=None, **_):
-            return pre_loss(head(h), anchor) if n is None else pre_loss(head(h[:n]), anchor[:n])
+            return head_pre_loss(head, h, anchor) if n is None else head_pre_loss(head, h[:n], anchor[:n])
     if mode == "mem":
         fwd(0, n=300, c=256, blk=128).backward()  # same code paths on a small slice: page in code, start pools
         for p in inputs:

@@ -62,6 +62,8 @@ def mean_heuristic_sigma2(*parts: torch.Tensor) -> torch.Tensor:
 
 
 def _block_kernel_sum(a: torch.Tensor, b: torch.Tensor, kernel: str, inv_two_sigma2, d: int) -> torch.Tensor:
+    # fp32 copies are made here, per block, so only the (capped) inputs in their own dtype are kept for backward
+    a, b = a.float(), b.float()
     if kernel == "rbf":
         sq = (a.pow(2).sum(-1)[:, None] + b.pow(2).sum(-1)[None, :] - 2 * a @ b.T).clamp_min(0)
         return torch.exp(-sq * inv_two_sigma2).sum()
@@ -75,7 +77,7 @@ def kernel_mean(a: torch.Tensor, b: torch.Tensor, kernel: str, inv_two_sigma2=No
     d = a.shape[-1]
     if inv_two_sigma2 is None:
         inv_two_sigma2 = torch.zeros((), device=a.device)
-    total = a.new_zeros(())
+    total = a.new_zeros((), dtype=torch.float32)
     for start in range(0, a.shape[0], block_size):
         blk = a[start:start + block_size]
         if torch.is_grad_enabled() and (blk.requires_grad or b.requires_grad):
@@ -87,12 +89,11 @@ def kernel_mean(a: torch.Tensor, b: torch.Tensor, kernel: str, inv_two_sigma2=No
 
 def mmd2(x: torch.Tensor, y: torch.Tensor, kernel: str = "rbf", bandwidth_scale: float = 1.0,
          block_size: int = 1024) -> torch.Tensor:
-    """Squared MMD (biased V-statistic) between samples x (n, d) and y (m, d), in fp32."""
-    x, y = x.float(), y.float()
+    """Squared MMD (biased V-statistic) between samples x (n, d) and y (m, d), computed in fp32."""
     if kernel == "linear":
-        return (x.mean(0) - y.mean(0)).pow(2).sum()
+        return (x.float().mean(0) - y.float().mean(0)).pow(2).sum()
     if kernel == "l2":
-        return torch.linalg.vector_norm(x.mean(0) - y.mean(0))
+        return torch.linalg.vector_norm(x.float().mean(0) - y.float().mean(0))
     inv = None
     if kernel == "rbf":
         inv = 1.0 / (2 * bandwidth_scale * mean_heuristic_sigma2(x, y))
