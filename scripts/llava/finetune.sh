@@ -9,6 +9,8 @@
 #   DRY_RUN=1 bash scripts/llava/finetune.sh rdd        # print the command, run nothing
 #
 # REGULARIZER: none | rdd | pre | soft_label | attention_tuning, comma-combinable (rdd,pre).
+# LORA=1 gives upstream's documented LoRA recipe instead (what finetune_lora.sh sets): LoRA r 128,
+# alpha 256 at lr 2e-4, projector at 2e-5; attention_tuning is refused there (it is an alternative to LoRA).
 # Extra flags are appended last, so they also override any flag below (argparse: last one wins).
 # Run from the directory holding playground/ and checkpoints/ (relative defaults, as upstream).
 #
@@ -39,10 +41,12 @@ VISION="${VISION:-openai/clip-vit-large-patch14-336}"
 DATA_PATH="${DATA_PATH:-./playground/data/llava_v1_5_mix665k.json}"
 IMAGE_FOLDER="${IMAGE_FOLDER:-./playground/data}"
 PROJECTOR="${PROJECTOR:-./checkpoints/llava-v1.5-7b-pretrain/mm_projector.bin}"
+LORA="${LORA:-0}"
+base="./checkpoints/llava-v1.5-7b$([ "$LORA" = 1 ] && echo -lora || true)"  # upstream's loader keys on "lora"
 if [ "$REG_TAG" = "none" ]; then
-  OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/llava-v1.5-7b}"
+  OUTPUT_DIR="${OUTPUT_DIR:-$base}"
 else
-  OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/llava-v1.5-7b-$REG_TAG}"
+  OUTPUT_DIR="${OUTPUT_DIR:-$base-$REG_TAG}"
 fi
 BATCH="${BATCH:-16}"
 GRAD_ACCUM="${GRAD_ACCUM:-1}"
@@ -75,7 +79,7 @@ args=(
   --save_strategy steps
   --save_steps 50000
   --save_total_limit 1
-  --learning_rate 2e-5
+  --learning_rate "$([ "$LORA" = 1 ] && echo 2e-4 || echo 2e-5)"
   --weight_decay 0.
   --warmup_ratio 0.03
   --lr_scheduler_type cosine
@@ -91,4 +95,7 @@ if [ -n "$ATTN_IMPL" ]; then
   args+=(--attn_implementation "$ATTN_IMPL")
 fi
 
+if [ "$LORA" = 1 ]; then
+  args+=(--lora_enable True --lora_r 128 --lora_alpha 256 --mm_projector_lr 2e-5)
+fi
 launch "${args[@]}" "$@"
