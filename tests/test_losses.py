@@ -99,8 +99,10 @@ def test_blocked_equals_unblocked_values_and_gradients(xy, kernel):
     torch.testing.assert_close(grads[0][2], grads[1][2], rtol=1e-4, atol=1e-7)
 
 
-def test_capped_estimate_within_stated_tolerance():
-    """The documented guarantee (regularizers/rdd.py): cap 2048 of 6000+6000 tokens stays within 5%."""
+@pytest.mark.parametrize("cap,tolerance", [(2048, 0.05), (1024, 0.10)])
+def test_capped_estimate_within_stated_tolerance(cap, tolerance):
+    """The documented guarantee (regularizers/rdd.py): of 6000+6000 tokens, cap 2048 stays within 5% of the
+    exact value and cap 1024 (what meets the 1% memory target in docs/benchmarks.md) within 10%."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(6000, 32, generator=g)
     y = torch.randn(6000, 32, generator=g) * 1.3 + 0.4
@@ -108,8 +110,8 @@ def test_capped_estimate_within_stated_tolerance():
         exact = mmd2(x, y, "rbf", block_size=2048).item()
         for seed in range(3):
             gen = torch.Generator().manual_seed(seed)
-            capped = mmd2(subsample(x, 2048, gen), subsample(y, 2048, gen), "rbf").item()
-            assert abs(capped - exact) <= 0.05 * exact, (capped, exact)
+            capped = mmd2(subsample(x, cap, gen), subsample(y, cap, gen), "rbf").item()
+            assert abs(capped - exact) <= tolerance * exact, (capped, exact)
 
 
 def test_fp32_whatever_the_input_dtype(xy):
