@@ -197,3 +197,19 @@ def test_trainer_with_none_attached_equals_plain_trainer(tmp_path):
     with_none.train()
     assert [r["loss"] for r in rows(plain)] == [r["loss"] for r in rows(with_none)]
     assert all("lm_loss" not in r for r in rows(with_none))
+
+
+def test_soft_label_under_num_items_normalisation_is_divided_like_the_trainer_would(tmp_path):
+    from vlm_preserve.regularizers.soft_label import soft_label_loss
+    model = build("llava")
+    t = trainer_for(model, "llava", tmp_path, gradient_accumulation_steps=2)
+    handle = attach(t, "soft_label")
+    batch = make_batch(model, "llava")
+    t.current_gradient_accumulation_steps = 2
+    n = (batch["labels"][:, 1:] != -100).sum()
+    assert t.model_accepts_loss_kwargs  # transformers then skips its own division by the accumulation steps
+    loss = t.compute_loss(model, dict(batch), num_items_in_batch=n)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert loss.item() == pytest.approx(soft_label_loss(logits, batch["labels"], "uniform", 0.1).item() / 2, rel=1e-4)
+    handle.detach()

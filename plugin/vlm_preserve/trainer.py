@@ -55,8 +55,10 @@ class PreservingMixin:
         # accumulated batch), the per-micro-batch terms are divided here, so a term weighs the same either way.
         scaled, lm_scale = self._vp_ga_scaled(num_items_in_batch)
         if scaled:
-            loss = lm_loss + (loss - lm_loss) / self.current_gradient_accumulation_steps
-            logs["lm_loss"] = logs["lm_loss"] * self.current_gradient_accumulation_steps / lm_scale
+            ga = self.current_gradient_accumulation_steps
+            # soft_label replaced the LM loss with a per-micro-batch mean: then the whole loss is divided
+            loss = loss / ga if self.preserver.needs_logits else lm_loss + (loss - lm_loss) / ga
+            logs["lm_loss"] = logs["lm_loss"] * ga / lm_scale
         self._accumulate(logs)
         if extra and return_outputs:  # evaluation would otherwise collect every layer as "logits"
             outputs = type(outputs)(**{k: v for k, v in outputs.items() if k != "hidden_states"})
