@@ -32,7 +32,6 @@ class _Slot:
 
 class Attachment:
     def __init__(self, model: torch.nn.Module, configs: dict, adapter):
-        self.model, self.adapter = model, adapter
         self.preserver = Preserver(configs, **adapter.model_dims(model))
         self.patches = Patches()
         self.slot = _Slot()

@@ -57,7 +57,7 @@ class PreservingMixin:
         if scaled:
             ga = self.current_gradient_accumulation_steps
             # soft_label replaced the LM loss with a per-micro-batch mean: then the whole loss is divided
-            loss = loss / ga if self.preserver.needs_logits else lm_loss + (loss - lm_loss) / ga
+            loss = loss / ga if self.preserver.replaces_lm_loss else lm_loss + (loss - lm_loss) / ga
             logs["lm_loss"] = logs["lm_loss"] * ga / lm_scale
         self._accumulate(logs)
         if extra and return_outputs:  # evaluation would otherwise collect every layer as "logits"

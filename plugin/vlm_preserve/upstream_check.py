@@ -70,6 +70,7 @@ def _versions(decl: dict) -> dict:
 
 
 def _tiny_run_transformers() -> str | None:
+    import torch
     import transformers as T
 
     from . import attach
@@ -78,7 +79,6 @@ def _tiny_run_transformers() -> str | None:
     vision = T.CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                                 image_size=16, patch_size=8)
     model = T.LlavaForConditionalGeneration(T.LlavaConfig(text_config=text, vision_config=vision, image_token_id=63))
-    import torch
     ids = torch.tensor([[63] * 4 + list(range(5, 15))])
     att = attach(model, "rdd,pre")
     out = model(input_ids=ids, pixel_values=torch.randn(1, 3, 16, 16), labels=ids.masked_fill(ids == 63, -100),
@@ -91,11 +91,7 @@ def _tiny_run_transformers() -> str | None:
 
 
 def _tiny_run(upstream: str = "llava") -> str | None:
-    if upstream == "transformers":
-        return _tiny_run_transformers()
-    if upstream == "bunny":
-        return _tiny_run_launcher("bunny")
-    return _tiny_run_launcher("llava")
+    return _tiny_run_transformers() if upstream == "transformers" else _tiny_run_launcher(upstream)
 
 
 def _tiny_run_launcher(upstream: str) -> str | None:

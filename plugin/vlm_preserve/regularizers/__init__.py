@@ -77,7 +77,7 @@ class Preserver:
                 self.terms.append(SoftLabel(configs[SoftLabelConfig]))
         self.hidden_layers = sorted({k for t in self.terms for k in t.hidden_layers})
         self.needs_visual_features = any(getattr(t, "needs_visual_features", False) for t in self.terms)
-        self.needs_logits = any(getattr(t, "replaces_lm_loss", False) for t in self.terms)
+        self.replaces_lm_loss = any(getattr(t, "replaces_lm_loss", False) for t in self.terms)
 
     @property
     def active(self) -> bool:
