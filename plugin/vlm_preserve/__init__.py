@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "attach": "api", "detach": "api", "preserving_class": "api", "make_configs": "api", "TrainerHandle": "api",
     "Attachment": "attachment", "GenericAdapter": "adapters.generic", "Preserver": "regularizers",
-    "RDDConfig": "regularizers.rdd", "PReConfig": "regularizers.pre", "SoftLabelConfig": "regularizers.soft_label",
+    "RDDConfig": "regularizers.rdd", "PReConfig": "regularizers.pre",
+    "DistillConfig": "regularizers.distill", "SoftLabelConfig": "regularizers.soft_label",
     "PreserveArguments": "config", "ConfigError": "config", "StepCapture": "capture",
 }
 __all__ = sorted(_LAZY)

@@ -13,13 +13,14 @@ from __future__ import annotations
 from .adapters import resolve_adapter
 from .attachment import Attachment
 from .config import PreserveArguments
-from .regularizers import PReConfig, RDDConfig, SoftLabelConfig, validate
+from .regularizers import DistillConfig, PReConfig, RDDConfig, SoftLabelConfig, validate
 
 
 def make_configs(regularizer: str = "none", *, rdd: RDDConfig | None = None, pre: PReConfig | None = None,
-                 soft_label: SoftLabelConfig | None = None) -> dict:
+                 distill: DistillConfig | None = None, soft_label: SoftLabelConfig | None = None) -> dict:
     configs = {PreserveArguments: PreserveArguments(regularizer=regularizer), RDDConfig: rdd or RDDConfig(),
-               PReConfig: pre or PReConfig(), SoftLabelConfig: soft_label or SoftLabelConfig()}
+               PReConfig: pre or PReConfig(), DistillConfig: distill or DistillConfig(),
+               SoftLabelConfig: soft_label or SoftLabelConfig()}
     validate(configs)  # options of a term that is not enabled are an error, as on the command line
     return configs
 
@@ -43,9 +44,11 @@ class TrainerHandle:
 
 
 def attach(target, regularizer: str = "rdd", *, rdd: RDDConfig | None = None, pre: PReConfig | None = None,
-           soft_label: SoftLabelConfig | None = None, adapter=None):
-    """Attach to a Trainer (returns a TrainerHandle) or to a model (returns an Attachment)."""
-    configs = make_configs(regularizer, rdd=rdd, pre=pre, soft_label=soft_label)
+           distill: DistillConfig | None = None, soft_label: SoftLabelConfig | None = None, adapter=None,
+           teacher=None):
+    """Attach to a Trainer (returns a TrainerHandle) or to a model (returns an Attachment).
+    `teacher`: distill's original LLM as a loaded module (else loaded from `distill.distill_teacher`)."""
+    configs = make_configs(regularizer, rdd=rdd, pre=pre, distill=distill, soft_label=soft_label)
     try:
         from transformers import Trainer
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -56,14 +59,14 @@ def attach(target, regularizer: str = "rdd", *, rdd: RDDConfig | None = None, pr
         if hasattr(target, "_vp"):
             raise RuntimeError("vlm-preserve: this trainer already has regularizers attached; detach first.")
         adapter = resolve_adapter(target.model, adapter)
-        target.__class__ = preserving_trainer_class(original, configs, adapter)
+        target.__class__ = preserving_trainer_class(original, configs, adapter, teacher)
         try:
-            target._vp_setup(configs, adapter)
+            target._vp_setup(configs, adapter, teacher)
         except Exception:
             target.__class__ = original
             raise
         return TrainerHandle(target, original)
-    return Attachment(target, configs, resolve_adapter(target, adapter))
+    return Attachment(target, configs, resolve_adapter(target, adapter), teacher=teacher)
 
 
 def detach(handle) -> None:
@@ -71,10 +74,12 @@ def detach(handle) -> None:
 
 
 def preserving_class(base: type, regularizer: str = "rdd", *, rdd: RDDConfig | None = None,
-                     pre: PReConfig | None = None, soft_label: SoftLabelConfig | None = None, adapter=None) -> type:
+                     pre: PReConfig | None = None, distill: DistillConfig | None = None,
+                     soft_label: SoftLabelConfig | None = None, adapter=None) -> type:
     """A subclass of the Trainer class `base` whose instances attach the regularizers when constructed.
 
     For frameworks that build their trainer inside their own code: rebind their module's name to it before
     their entry point runs (docs/frameworks.md), e.g. `workflow.CustomSeq2SeqTrainer = preserving_class(...)`."""
     from .trainer import preserving_trainer_class
-    return preserving_trainer_class(base, make_configs(regularizer, rdd=rdd, pre=pre, soft_label=soft_label), adapter)
+    configs = make_configs(regularizer, rdd=rdd, pre=pre, distill=distill, soft_label=soft_label)
+    return preserving_trainer_class(base, configs, adapter)

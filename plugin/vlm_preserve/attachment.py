@@ -6,7 +6,8 @@
     att.detach()                                       # model back as it was
 
 Training-only heads live under `model.vlm_preserve_heads` (so optimizers, DeepSpeed and DDP see them) and
-are dropped from `model.save_pretrained` while attached.
+are dropped from `model.save_pretrained` while attached. The distillation teacher is never a submodule: it is
+held by its term, so it is in no state dict, optimizer or checkpoint.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ class _Slot:
 
 
 class Attachment:
-    def __init__(self, model: torch.nn.Module, configs: dict, adapter):
+    def __init__(self, model: torch.nn.Module, configs: dict, adapter, teacher: torch.nn.Module | None = None):
+        """`teacher`: the distill term's original LLM, already loaded (else loaded from --distill_teacher)."""
         self.preserver = Preserver(configs, **adapter.model_dims(model))
         self.patches = Patches()
         self.slot = _Slot()
@@ -53,6 +55,20 @@ class Attachment:
         self.patches.call_on_undo(lambda: [p.requires_grad_(v) for p, v in previous.items()])
         capture = adapter.install_capture(model, self.slot, visual_features=self.preserver.needs_visual_features)
         self.patches.call_on_undo(capture.undo)
+        if self.preserver.distill is not None:
+            self._attach_teacher(model, adapter, teacher)
+
+    def _attach_teacher(self, model, adapter, teacher) -> None:
+        from .regularizers.distill import load_teacher, record_student_kv
+        term = self.preserver.distill
+        if hasattr(adapter, "check_distill"):
+            adapter.check_distill(model)
+        layers = adapter.decoder_layers(model)
+        if teacher is None:
+            dtype = next(adapter.llm_modules(model)[0].parameters()).dtype  # the training dtype of the LLM
+            teacher = load_teacher(term.cfg.distill_teacher, dtype)
+        for h in term.set_teacher(teacher, layers) + record_student_kv(layers, term.shared, lambda: self.slot.capture, term.cfg.distill_kv_grad):
+            self.patches.add_hook(h)
 
     @property
     def heads(self) -> torch.nn.ModuleDict:
@@ -65,8 +81,10 @@ class Attachment:
         """Forget any capture: the next forward of the model is the one the terms are computed from."""
         self.slot.capture = None
 
-    def total_loss(self, lm_loss: torch.Tensor, outputs=None, step_seed: int = 0) -> tuple[torch.Tensor, dict]:
+    def total_loss(self, lm_loss: torch.Tensor, outputs=None, step_seed: int = 0,
+                   route=None) -> tuple[torch.Tensor, dict]:
         """LM loss + weighted terms from the first forward since the last call; returns (total, raw terms).
+        `route`: the batch's per-sample distillation override ((B,): 1 distil, 0 never, -1 rule), if any.
 
         Hidden states and logits come from the capture (the adapter hooks the modules that produce them),
         so trainers whose loss path runs extra forwards (TRL's metrics pass) still use the gradient-carrying one."""
@@ -82,6 +100,8 @@ class Attachment:
             raise RuntimeError("vlm-preserve: PRe needs the model's hidden_states; call the model with "
                                "output_hidden_states=True (Attachment.forward_kwargs()).")
         cap.step_seed = step_seed
+        if route is not None:
+            cap.extra["route"] = route
         return self.preserver.total_loss(lm_loss, cap)
 
     def detach(self) -> None:

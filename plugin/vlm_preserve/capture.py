@@ -13,9 +13,12 @@ class StepCapture:
 
     Shapes: `inputs_embeds` (B, L, d) as fed to the first decoder layer; `image_mask` and `attention_mask`
     (B, L) bool; `hidden_states` the model's tuple (embeddings, layer 0 output, ...) when requested;
-    `visual_features` (N_visual, d_vision): vision-tower features at the image positions, in mask order.
+    `visual_features` (N_visual, d_vision): vision-tower features at the image positions, in mask order;
+    `input_ids` (B, L): the token id at each text position of `inputs_embeds` (-1 elsewhere), where the adapter
+    can tell; `extra`: per-step additions (the distill term's keys/values and routing override).
     """
     inputs_embeds: Optional[torch.Tensor] = None
+    input_ids: Optional[torch.Tensor] = None
     image_mask: Optional[torch.Tensor] = None
     attention_mask: Optional[torch.Tensor] = None
     labels: Optional[torch.Tensor] = None

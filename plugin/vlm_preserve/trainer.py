@@ -12,6 +12,7 @@ import os
 import torch
 
 from .attachment import Attachment, without_heads
+from .regularizers.distill import ROUTE_KEY
 
 HEADS_FILE = "vlm_preserve_heads.safetensors"
 
@@ -29,8 +30,8 @@ def _gathered_state(module: torch.nn.Module) -> dict:
 class PreservingMixin:
     """Methods layered over any Trainer class by `preserving_trainer_class`."""
 
-    def _vp_setup(self, configs: dict, adapter) -> None:
-        self._vp = Attachment(self.model, configs, adapter)
+    def _vp_setup(self, configs: dict, adapter, teacher=None) -> None:
+        self._vp = Attachment(self.model, configs, adapter, teacher=teacher)
         if len(self._vp.heads) and getattr(self, "optimizer", None) is not None:
             self._vp.detach()
             raise RuntimeError("vlm-preserve: attach before the optimizer is created (before trainer.train()), "
@@ -44,13 +45,13 @@ class PreservingMixin:
             kwargs["num_items_in_batch"] = num_items_in_batch
         if not self.preserver.active:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
-        extra = self._vp.forward_kwargs()
-        if extra:
-            inputs = {**inputs, **extra}
+        route = inputs.get(ROUTE_KEY)  # a per-sample distillation override: ours, never the model's input
+        inputs = {k: v for k, v in inputs.items() if k != ROUTE_KEY}
+        inputs.update(self._vp.forward_kwargs())
         self._vp.begin_step()
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         lm_loss, outputs = result if return_outputs else (result, None)
-        loss, logs = self._vp.total_loss(lm_loss, step_seed=self._step_seed())
+        loss, logs = self._vp.total_loss(lm_loss, step_seed=self._step_seed(), route=route)
         # Where the trainer does not divide by gradient accumulation (its loss is already normalised over the
         # accumulated batch), the per-micro-batch terms are divided here, so a term weighs the same either way.
         scaled, lm_scale = self._vp_ga_scaled(num_items_in_batch)
@@ -60,7 +61,7 @@ class PreservingMixin:
             loss = loss / ga if self.preserver.replaces_lm_loss else lm_loss + (loss - lm_loss) / ga
             logs["lm_loss"] = logs["lm_loss"] * ga / lm_scale
         self._accumulate(logs)
-        if extra and return_outputs:  # evaluation would otherwise collect every layer as "logits"
+        if self._vp.forward_kwargs() and return_outputs:  # evaluation would otherwise collect every layer as "logits"
             outputs = type(outputs)(**{k: v for k, v in outputs.items() if k != "hidden_states"})
         return (loss, outputs) if return_outputs else loss
 
@@ -136,7 +137,7 @@ class PreservingMixin:
         return result
 
 
-def preserving_trainer_class(base: type, configs: dict, adapter=None) -> type:
+def preserving_trainer_class(base: type, configs: dict, adapter=None, teacher=None) -> type:
     """A subclass of `base` (a transformers.Trainer) whose instances attach the configured terms at init
     (the adapter, if not given, is chosen from the model the trainer receives)."""
 
@@ -145,7 +146,7 @@ def preserving_trainer_class(base: type, configs: dict, adapter=None) -> type:
         # After upstream has set requires_grad and the Trainer has seeded torch, before the optimizer exists:
         # the heads are trainable, deterministic, and optimised.
         from .adapters import resolve_adapter
-        self._vp_setup(configs, resolve_adapter(self.model, adapter))
+        self._vp_setup(configs, resolve_adapter(self.model, adapter), teacher)
 
     name = f"Preserving{base.__name__}"
     return type(name, (PreservingMixin, base), {"__init__": __init__, "__qualname__": name})

@@ -62,6 +62,9 @@ class GenericAdapter:
         return {"num_layers": len(resolve(model, self.layers)), "hidden_size": emb.weight.shape[1],
                 "vision_hidden_size": first.in_features if first is not None else None}
 
+    def decoder_layers(self, model):
+        return resolve(model, self.layers)
+
     def llm_modules(self, model) -> list:
         return [resolve(model, p) for p in (self.embed, self.layers, self.norm, self.lm_head) if p]
 
@@ -115,9 +118,11 @@ class GenericAdapter:
                 if x is not None and feats.shape[0] != int((mask & attn).sum()):
                     raise RuntimeError(f"vlm-preserve: {int((mask & attn).sum())} image positions but "
                                        f"{feats.shape[0]} projector input rows; pre_anchor=pre_proj cannot pair them.")
+            ids = seen.get("input_ids")
+            ids = ids.masked_fill(mask, -1) if torch.is_tensor(ids) and ids.shape == mask.shape else None
             slot.capture = seen["capture"] = StepCapture(inputs_embeds=hidden, image_mask=mask & attn,
                                                          attention_mask=attn, labels=seen.get("labels"),
-                                                         visual_features=feats)
+                                                         visual_features=feats, input_ids=ids)
 
         keep_outputs = output_keeper(slot, seen)
 

@@ -3,10 +3,12 @@ third_party/llava) and Bunny (BAAI-DCAI/Bunny, third_party/bunny), whose models 
 `prepare_inputs_labels_for_multimodal` / `get_model().mm_projector` interface. Every symbol touched is
 declared in patches/<upstream>/symbols.json.
 
-Image positions: upstream's `prepare_inputs_labels_for_multimodal` returns no image mask. We mark the
-caller's ignored labels (-100) with a spare value before the call; afterwards the only -100 labels
-among attended positions are the freshly inserted image slots; the spare value is then put back to
--100. Same forward, no second pass.
+Image positions and token ids: upstream's `prepare_inputs_labels_for_multimodal` returns neither an image
+mask nor the token ids of the sequence it builds (only embeddings). Upstream carries the labels through
+untouched, cut and padded exactly like the embeddings, so we pass it labels that encode (token id, label)
+as one non-negative integer, `id·S + (label + 1 or 0 if ignored)`. Afterwards the only -100 labels among
+attended positions are the freshly inserted image slots, and decoding gives back the labels and the token
+id at every text position. Same forward, no second pass.
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ from ..patching import Patches
 
 IGNORE_INDEX = -100        # llava.constants.IGNORE_INDEX (checked by check-upstream)
 IMAGE_TOKEN_INDEX = -200   # llava.constants.IMAGE_TOKEN_INDEX
-_SPARE = -12345            # a label value upstream never produces
 
 
 def find_llava(model):
@@ -32,6 +33,10 @@ def model_dims(model) -> dict:
     cfg = find_llava(model).config
     return {"num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
             "vision_hidden_size": getattr(cfg, "mm_hidden_size", None)}
+
+
+def decoder_layers(model):
+    return find_llava(model).get_model().layers
 
 
 def llm_modules(model) -> list:
@@ -85,15 +90,19 @@ def install_capture(model, slot, *, visual_features: bool = False) -> Patches:
         seen.clear()
         ids = input_ids.clone()  # kept for feature ordering (Bunny's variant mutates input_ids)
         attn_in = attention_mask if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        marked = (labels.masked_fill(labels == IGNORE_INDEX, _SPARE) if labels is not None
-                  else torch.full_like(input_ids, _SPARE))
-        out_ids, pos, attn, pkv, embeds, new_labels = original(
-            input_ids, position_ids, attn_in, past_key_values, marked, images, *rest)
+        code = torch.zeros_like(input_ids) if labels is None else (labels + 1).clamp(min=0)
+        span = int(code.max()) + 1
+        encoded = input_ids.clamp(min=0) * span + code
+        out_ids, pos, attn, pkv, embeds, encoded = original(
+            input_ids, position_ids, attn_in, past_key_values, encoded, images, *rest)
         if embeds is None:  # upstream's text-only early return: hand back exactly what it was given
             return out_ids, pos, attention_mask, pkv, None, labels
         attn_b = attn.bool()
-        image_mask = (new_labels == IGNORE_INDEX) & attn_b
-        new_labels = new_labels.masked_fill(new_labels == _SPARE, IGNORE_INDEX)
+        real = encoded >= 0  # not an inserted image slot, not padding
+        image_mask = ~real & attn_b
+        label = encoded % span - 1
+        new_labels = torch.where(real & (label >= 0), label, IGNORE_INDEX)
+        token_ids = torch.where(real, encoded // span, -1)
         feats = None
         if visual_features:
             x = seen.get("x")
@@ -102,7 +111,8 @@ def install_capture(model, slot, *, visual_features: bool = False) -> Patches:
                                    "(image_aspect_ratio pad/square); use --pre_anchor pre_llm for anyres.")
             feats = features_in_mask_order(x, ids, attn_in.bool(), image_mask)
         slot.capture = seen["capture"] = StepCapture(inputs_embeds=embeds, image_mask=image_mask,
-                                                     attention_mask=attn_b, labels=new_labels, visual_features=feats)
+                                                     attention_mask=attn_b, labels=new_labels, visual_features=feats,
+                                                     input_ids=token_ids)
         return (out_ids, pos, attn if attention_mask is not None else None, pkv, embeds,
                 new_labels if labels is not None else None)
 
@@ -113,6 +123,31 @@ def install_capture(model, slot, *, visual_features: bool = False) -> Patches:
     # logits from the LM head module: PEFT calls the model's forward directly, bypassing its hooks
     patches.add_hook(llava.lm_head.register_forward_hook(keep_outputs))
     return patches
+
+
+def install_route_field(patches: Patches, data_module, field: str) -> None:
+    """Carry each sample's distillation override (data json `field`: true/false) into the batch as
+    `vlm_preserve_distill` (1, 0, or -1 where the sample has no such field: follow the rule)."""
+    from ..regularizers.distill import ROUTE_KEY
+    dataset, collator = data_module.LazySupervisedDataset, data_module.DataCollatorForSupervisedDataset
+    get_item, collate = dataset.__getitem__, collator.__call__
+
+    def __getitem__(self, i):
+        item = get_item(self, i)
+        value = self.list_data_dict[i].get(field)
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"vlm-preserve: sample {i} of the data json has {field!r}: {value!r}; expected true or "
+                             f"false (or no such field, to follow --distill_route).")
+        item[ROUTE_KEY] = -1 if value is None else int(value)
+        return item
+
+    def __call__(self, instances):
+        batch = collate(self, instances)
+        batch[ROUTE_KEY] = torch.tensor([inst.get(ROUTE_KEY, -1) for inst in instances])
+        return batch
+
+    patches.setattr(dataset, "__getitem__", __getitem__)
+    patches.setattr(collator, "__call__", __call__)
 
 
 def allow_numpy_rng_state(patches: Patches) -> None:

@@ -75,6 +75,17 @@ def model_dims(model) -> dict:
             "vision_hidden_size": getattr(vision, "hidden_size", None)}
 
 
+def decoder_layers(model):
+    return language_model(model).layers
+
+
+def check_distill(model) -> None:
+    name = type(_vlm(model)).__name__
+    if name.startswith("Qwen2"):
+        raise ConfigError(f"--regularizer distill does not support {name}: its language model rotates by 3-D (M-RoPE) "
+                          "positions that a text-only teacher cannot reproduce, so the shared keys would not line up.")
+
+
 def llm_modules(model) -> list:
     vlm = _vlm(model)
     head = next((m for p in LM_HEAD_PATHS if (m := _get(vlm, p)) is not None), None)
@@ -139,7 +150,7 @@ def install_capture(model, slot, *, visual_features: bool = False) -> Patches:
             feats = embeds.new_zeros(0, model_dims(model)["vision_hidden_size"])
         slot.capture = seen["capture"] = StepCapture(inputs_embeds=embeds, image_mask=image_mask,
                                                      attention_mask=attn, labels=seen.get("labels"),
-                                                     visual_features=feats)
+                                                     visual_features=feats, input_ids=ids.masked_fill(image_mask, -1))
 
     keep_outputs = output_keeper(slot, seen)
 

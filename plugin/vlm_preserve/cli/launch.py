@@ -22,6 +22,7 @@ class UpstreamSpec:
     model_registry: str          # module whose import registers the upstream's configs with AutoConfig
     install: str                 # how to install it
     identify: Callable[[object], Optional[str]]  # given train_module: None if right, else what was found
+    data_module: str = ""        # module defining LazySupervisedDataset / DataCollatorForSupervisedDataset
     passes_attn_implementation: bool = False
 
 
@@ -54,7 +55,7 @@ def preflight(spec: UpstreamSpec, upstream, configs: dict, names: list[str], ups
     """Everything checkable before a model loads: upstream's own flags, flag combinations, layer range."""
     import transformers
 
-    from ..regularizers import PReConfig
+    from ..regularizers import DistillConfig, PReConfig
     parser = transformers.HfArgumentParser((upstream.ModelArguments, upstream.DataArguments, upstream.TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=upstream_argv)
     if not names:
@@ -65,16 +66,29 @@ def preflight(spec: UpstreamSpec, upstream, configs: dict, names: list[str], ups
     if "attention_tuning" in names and (training_args.lora_enable or model_args.tune_mm_mlp_adapter):
         _fail(spec, "--regularizer attention_tuning is an alternative to --lora_enable / --tune_mm_mlp_adapter "
                     "(it decides itself which LLM weights train); drop one of them.")
-    if "pre" in names:
+    if "pre" in names or "distill" in names:
         importlib.import_module(spec.model_registry)
         cfg = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path)
+    if "pre" in names:
         configs[PReConfig].layer_index(cfg.num_hidden_layers)
+    if "distill" in names:
+        distill = configs[DistillConfig]
+        distill.layer_indices(cfg.num_hidden_layers)
+        # upstream builds the VLM on --model_name_or_path's LLM (stage 2 starts from the base LLM): the teacher
+        distill.distill_teacher = distill.distill_teacher or model_args.model_name_or_path
+        teacher = transformers.AutoConfig.from_pretrained(distill.distill_teacher)
+        if getattr(teacher, "mm_vision_tower", None):
+            _fail(spec, f"--model_name_or_path {model_args.model_name_or_path} is already a vision-language checkpoint, "
+                        "so it cannot be the distillation teacher: pass the original LLM with --distill_teacher PATH.")
+        if teacher.num_hidden_layers != cfg.num_hidden_layers:
+            _fail(spec, f"--distill_teacher {distill.distill_teacher} has {teacher.num_hidden_layers} layers, the "
+                        f"model {cfg.num_hidden_layers}; the teacher must be the LLM the VLM was built from.")
 
 
 def run(spec: UpstreamSpec, argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     from ..config import ConfigError
-    from ..regularizers import CONFIG_CLASSES, validate
+    from ..regularizers import CONFIG_CLASSES, DistillConfig, validate
 
     parser = _parser(spec)
     if "-h" in argv or "--help" in argv:
@@ -112,6 +126,9 @@ def run(spec: UpstreamSpec, argv: list[str] | None = None) -> None:
                 original = getattr(upstream, fn)
                 patches.setattr(upstream, fn, lambda *a, _f=original, **k: without_heads(_f(*a, **k)))
             adapter.allow_numpy_rng_state(patches)
+            if "distill" in names:
+                adapter.install_route_field(patches, importlib.import_module(spec.data_module),
+                                            configs[DistillConfig].distill_route_field)
         old_argv = sys.argv
         sys.argv = [old_argv[0] if old_argv else spec.command] + rest
         try:

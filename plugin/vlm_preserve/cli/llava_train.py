@@ -23,6 +23,7 @@ def _identify(train_module) -> str | None:
 
 SPEC = UpstreamSpec(command="llava-train", package="llava", train_module="llava.train.train", trainer="LLaVATrainer",
                     model_registry="llava.model", install=LLAVA_INSTALL, identify=_identify,
+                    data_module="llava.train.train",
                     passes_attn_implementation=True)
 
 

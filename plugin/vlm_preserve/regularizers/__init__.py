@@ -13,13 +13,15 @@ from torch import nn
 from ..capture import StepCapture
 from ..config import ConfigError, PreserveArguments
 from .attention_tuning import apply_attention_tuning
+from .distill import Distill, DistillConfig
 from .pre import PRe, PReConfig
 from .rdd import RDD, RDDConfig
 from .soft_label import SoftLabel, SoftLabelConfig
 
 # name -> config dataclass whose fields belong to it (None: no options)
-METHODS = {"rdd": RDDConfig, "pre": PReConfig, "soft_label": SoftLabelConfig, "attention_tuning": None}
-CONFIG_CLASSES = (PreserveArguments, RDDConfig, PReConfig, SoftLabelConfig)
+METHODS = {"rdd": RDDConfig, "pre": PReConfig, "distill": DistillConfig, "soft_label": SoftLabelConfig,
+           "attention_tuning": None}
+CONFIG_CLASSES = (PreserveArguments, RDDConfig, PReConfig, DistillConfig, SoftLabelConfig)
 HEADS_PREFIX = "vlm_preserve_heads"
 
 
@@ -45,7 +47,7 @@ def validate(configs: dict, given: set[str] | None = None) -> list[str]:
     for method, cls in METHODS.items():
         if cls is None:
             continue
-        cfg = configs[cls]
+        cfg = configs.get(cls) or cls()  # absent: its defaults
         if method in names:
             cfg.validate()
             continue
@@ -66,6 +68,7 @@ class Preserver:
         self.terms = []
         self.heads = nn.ModuleDict()
         self.attention_tuning = "attention_tuning" in self.names
+        self.distill = None  # the Distill term; the Attachment gives it its teacher
         for n in self.names:
             if n == "rdd":
                 self.terms.append(RDD(configs[RDDConfig]))
@@ -73,6 +76,9 @@ class Preserver:
                 t = PRe(configs[PReConfig], num_layers, hidden_size, vision_hidden_size or hidden_size)
                 self.heads["pre"] = t.head
                 self.terms.append(t)
+            elif n == "distill":
+                self.distill = Distill(configs[DistillConfig], num_layers)
+                self.terms.append(self.distill)
             elif n == "soft_label":
                 self.terms.append(SoftLabel(configs[SoftLabelConfig]))
         self.hidden_layers = sorted({k for t in self.terms for k in t.hidden_layers})
@@ -103,4 +109,4 @@ class Preserver:
 
 
 __all__ = ["METHODS", "CONFIG_CLASSES", "HEADS_PREFIX", "Preserver", "parse_names", "validate",
-           "RDDConfig", "PReConfig", "SoftLabelConfig", "PreserveArguments"]
+           "RDDConfig", "PReConfig", "DistillConfig", "SoftLabelConfig", "PreserveArguments"]
