@@ -99,7 +99,8 @@ def test_readme_flag_table_matches_the_config_definitions():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for cls in CONFIG_CLASSES:
         for f in dataclasses.fields(cls):
-            assert f"| `--{f.name}` | `{f.default}` |" in readme, f.name
+            shown = f"`{f.default}`" if f.default != "" else "(empty)"
+            assert f"| `--{f.name}` | {shown} |" in readme, f.name
     for f in dataclasses.fields(LaunchArguments):
         assert f"| `--{f.name}` |" in readme
 

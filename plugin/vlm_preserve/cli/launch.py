@@ -78,8 +78,8 @@ def preflight(spec: UpstreamSpec, upstream, configs: dict, names: list[str], ups
         distill.distill_teacher = distill.distill_teacher or model_args.model_name_or_path
         teacher = transformers.AutoConfig.from_pretrained(distill.distill_teacher)
         if getattr(teacher, "mm_vision_tower", None):
-            _fail(spec, f"--model_name_or_path {model_args.model_name_or_path} is already a vision-language checkpoint, "
-                        "so it cannot be the distillation teacher: pass the original LLM with --distill_teacher PATH.")
+            _fail(spec, f"the distillation teacher {distill.distill_teacher} is a vision-language checkpoint (the "
+                        "teacher defaults to --model_name_or_path); pass the original LLM with --distill_teacher PATH.")
         if teacher.num_hidden_layers != cfg.num_hidden_layers:
             _fail(spec, f"--distill_teacher {distill.distill_teacher} has {teacher.num_hidden_layers} layers, the "
                         f"model {cfg.num_hidden_layers}; the teacher must be the LLM the VLM was built from.")
