@@ -46,6 +46,7 @@ def plot_metric(report: dict, metric: str, path: Path) -> Path:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError as e:
         raise ImportError("the diagnose plots need matplotlib: pip install 'vlm-preserve-plugin[diagnose]' "
                           "(or pip install matplotlib)") from e
@@ -57,6 +58,7 @@ def plot_metric(report: dict, metric: str, path: Path) -> Path:
             ax.plot(report["layers"], report["results"][name][metric][s], marker="o", ms=3, label=name)
         ax.set_title(SERIES.get(s, s), fontsize=10)
         ax.set_xlabel("layer (0 = embeddings)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{metric} — {report['samples']} samples", fontsize=11)
@@ -76,7 +78,8 @@ def summary(report: dict, max_columns: int = 9) -> str:
     """Per metric series, a table: a row per checkpoint, a column per layer (at most `max_columns`,
     evenly spaced, first and last always in)."""
     layers = report["layers"]
-    idx = sorted({round(i * (len(layers) - 1) / max(max_columns - 1, 1)) for i in range(min(max_columns, len(layers)))})
+    cols = min(max_columns, len(layers))
+    idx = sorted({round(i * (len(layers) - 1) / max(cols - 1, 1)) for i in range(cols)})
     lines = [f"# vlm-preserve diagnose", "",
              f"{report['samples']} samples; checkpoints: {', '.join(report['checkpoints'])}. "
              "Layer 0 = embeddings entering the LLM, l = output of decoder layer l. "

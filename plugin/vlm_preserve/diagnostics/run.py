@@ -158,6 +158,7 @@ def diagnose(checkpoints: list[str], data: str, *, image_folder=None, metrics=ME
     from .samples import check_label_map, load_samples
 
     metrics = list(metrics)
+    require_packages(metrics)
     samples = load_samples(data, image_folder, need_label="probe" in metrics, need_mask="patch" in metrics,
                            limit=limit)
     if "patch" in metrics:  # every label map checked before any model loads
@@ -183,6 +184,16 @@ def diagnose(checkpoints: list[str], data: str, *, image_folder=None, metrics=ME
                                           progress=progress, desc=name)
         del backend
     return report
+
+
+def require_packages(metrics) -> None:
+    """Fail before any model loads, not after an hour of forwards, if the plots or the probe cannot run."""
+    import importlib.util
+    need = ["matplotlib"] + (["scikit-learn"] if "probe" in metrics else [])
+    missing = [p for p in need if importlib.util.find_spec(p.replace("scikit-learn", "sklearn")) is None]
+    if missing:
+        raise ImportError(f"vlm-preserve diagnose needs {' and '.join(missing)} (plots{', probe' if 'probe' in metrics else ''}): "
+                          "pip install 'vlm-preserve-plugin[diagnose]'  (or pip install " + " ".join(missing) + ")")
 
 
 class _Info:
