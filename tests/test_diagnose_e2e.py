@@ -85,7 +85,7 @@ def test_generic_adapter_gives_the_native_adapters_numbers(tmp_path):
     from vlm_preserve import GenericAdapter
     from vlm_preserve.diagnostics import LayerDiagnostics, collect
     from vlm_preserve.diagnostics.models import TransformersNative
-    from vlm_preserve.diagnostics.run import _Info
+    from vlm_preserve.diagnostics.run import SampleInfo
     from vlm_preserve.diagnostics.samples import load_samples
 
     backend = TransformersNative(save_llava_checkpoint(tmp_path / "ckpt"), device="cpu", dtype=torch.float32)
@@ -96,7 +96,7 @@ def test_generic_adapter_gives_the_native_adapters_numbers(tmp_path):
                              image_token_id=backend.model.config.image_token_id)
     results = []
     for adapter in (backend.adapter, generic):
-        items = [(backend.batch(s), _Info(s, backend.geometry, 255)) for s in samples]
+        items = [(backend.batch(s), SampleInfo(s, backend.geometry, 255)) for s in samples]
         results.append(collect(backend.model, adapter, items, LayerDiagnostics(metrics, [0, 2, 4]), progress=False))
     for m in metrics:
         for s in results[0][m]:

@@ -47,8 +47,6 @@ def run(args) -> int:
                 layers = [int(x) for x in args.layers.split(",") if x.strip()]
             except ValueError:
                 raise SampleError(f"--layers {args.layers!r}: expected comma-separated integers, e.g. 0,8,16.")
-        if args.names and len(args.names) != len(args.model):
-            raise SampleError(f"--names gives {len(args.names)} names for {len(args.model)} checkpoints; give one each.")
         report = diagnose(args.model, args.data, image_folder=args.image_folder, metrics=parse_metrics(args.metrics),
                           layers=layers, names=args.names, device=args.device, dtype=getattr(torch, args.dtype),
                           mmd_max_tokens=args.mmd_max_tokens, mask_ignore=args.mask_ignore,

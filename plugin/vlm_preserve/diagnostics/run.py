@@ -165,8 +165,9 @@ def diagnose(checkpoints: list[str], data: str, *, image_folder=None, metrics=ME
         for s in samples:
             check_label_map(s).close()
     names = names or [_name(c) for c in checkpoints]
-    if len(set(names)) != len(names):
-        raise SampleError(f"checkpoint names {names} are not unique; pass --names.")
+    if len(names) != len(checkpoints) or len(set(names)) != len(names):
+        raise SampleError(f"checkpoint names {names} for {len(checkpoints)} checkpoints: give one unique name each "
+                          "(--names).")
     report = {"checkpoints": names, "paths": [str(c) for c in checkpoints], "samples": len(samples),
               "metrics": metrics, "results": {}}
     for name, ckpt in zip(names, checkpoints):
@@ -178,7 +179,7 @@ def diagnose(checkpoints: list[str], data: str, *, image_folder=None, metrics=ME
                               "checkpoints of one architecture, or pass --layers valid for all.")
         report["layers"] = measured
         geometry = mask_geometry or backend.geometry
-        items = ((backend.batch(s), _Info(s, geometry, mask_ignore)) for s in samples)
+        items = ((backend.batch(s), SampleInfo(s, geometry, mask_ignore)) for s in samples)
         diag = LayerDiagnostics(metrics, measured, mmd_max_tokens=mmd_max_tokens, seed=seed)
         report["results"][name] = collect(backend.model, backend.adapter, _sized(items, len(samples)), diag,
                                           progress=progress, desc=name)
@@ -196,7 +197,9 @@ def require_packages(metrics) -> None:
                           "pip install 'vlm-preserve-plugin[diagnose]'  (or pip install " + " ".join(missing) + ")")
 
 
-class _Info:
+class SampleInfo:
+    """What collect() needs of a sample besides the model input."""
+
     def __init__(self, sample, geometry, ignore):
         self.id, self.label, self.geometry, self.ignore = sample.id, sample.label, geometry, ignore
         self.label_map = lambda: read_label_map(sample)

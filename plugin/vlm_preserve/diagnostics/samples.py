@@ -42,6 +42,10 @@ def load_samples(data: str | Path, image_folder: str | Path | None, *, need_labe
         raise SampleError(f"--data {data}: cannot read a json list of samples ({e}).") from e
     if not isinstance(records, list):
         raise SampleError(f"--data {data}: expected a json list of samples (LLaVA format), got {type(records).__name__}.")
+    multi = [r for r in records if isinstance(r, dict) and r.get("image") and not isinstance(r["image"], str)]
+    if multi:
+        raise SampleError(f"--data {data}: sample {multi[0].get('id')} has image {multi[0]['image']!r}; the diagnostics "
+                          "take one image path (a string) per sample.")
     samples = [Sample(i, str(r.get("id", i)), r, folder / r["image"], r.get("label"),
                       folder / r["mask"] if r.get("mask") else None)
                for i, r in enumerate(records) if isinstance(r, dict) and r.get("image")]
