@@ -210,6 +210,9 @@ def test_bad_input_gives_clear_errors(tmp_path):
     Image.fromarray(np.zeros((10, 12), dtype=np.uint8)).save(tmp_path / "masks" / "001.png")
     with pytest.raises(SampleError, match=r"sample s1: label map 001.png is 12x10 but the image is 40x32"):
         check_label_map(samples[1])
+    from vlm_preserve.diagnostics import diagnose
+    with pytest.raises(SampleError, match="label map 001.png is 12x10"):  # before any checkpoint is opened
+        diagnose([str(tmp_path / "no-such-checkpoint")], str(data), metrics=["patch"], progress=False)
     import json
     records = json.loads(data.read_text())
     del records[2]["label"]
