@@ -40,3 +40,26 @@ def build_model_and_batch(fx, *, batch_size=6, gradient_checkpointing=False, tex
         idx = idx[:batch_size - 2] + [i for i, r in enumerate(ds.list_data_dict) if "image" not in r][:2]
     batch = module["data_collator"]([ds[i] for i in idx])
     return model, batch
+
+
+def save_checkpoint(fx, out, seed=0):
+    """An upstream LLaVA checkpoint directory (LlavaLlamaForCausalLM + tokenizer, projector initialised with
+    `seed`) as upstream's train() leaves it: the vision tower is loaded from `mm_vision_tower` on open."""
+    import transformers
+    from llava.model import LlavaLlamaForCausalLM
+    from llava.train.train import ModelArguments
+
+    torch.manual_seed(seed)
+    model_args = ModelArguments(model_name_or_path=str(fx.llm), version="v1", vision_tower=str(fx.vision),
+                                mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
+                                mm_use_im_patch_token=False)
+    model = LlavaLlamaForCausalLM.from_pretrained(fx.llm)
+    model.get_model().initialize_vision_modules(model_args=model_args)
+    model.config.image_aspect_ratio = "pad"
+    model.config.mm_use_im_start_end = False
+    model.config.tokenizer_model_max_length = 128
+    model.save_pretrained(out, safe_serialization=True)
+    tok = transformers.AutoTokenizer.from_pretrained(fx.llm, use_fast=False)
+    tok.pad_token = tok.unk_token
+    tok.save_pretrained(out)
+    return out

@@ -92,3 +92,28 @@ def make_batch(model, kind: str, *, text_only: bool = False, seed: int = 0, batc
     if kind.startswith("qwen") and n_img:  # the processor's modality ids, which M-RoPE needs
         out["mm_token_type_ids"] = (ids == IMG).long()
     return out
+
+
+def save_llava_checkpoint(path, seed: int = 0):
+    """A tiny LlavaForConditionalGeneration checkpoint with its processor (word-level tokenizer whose
+    `<image>` the processor expands to the 4x4 patch grid), as `from_pretrained` directories are."""
+    import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from vlm_preserve.fixtures import _WORDS
+
+    words = ["[UNK]", "[PAD]", "<image>"] + sorted(set(_WORDS) | {"USER:", "ASSISTANT:", "It", "What", "colour"})
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
+                                    additional_special_tokens=["<image>"])
+    image_processor = T.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = T.LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=VISION["patch_size"],
+                                 vision_feature_select_strategy="default", image_token="<image>",
+                                 num_additional_image_tokens=1)  # CLIP's CLS, dropped by the "default" strategy
+    torch.manual_seed(seed)
+    cfg = T.LlavaConfig(text_config=T.LlamaConfig(**dict(TEXT, vocab_size=len(words), pad_token_id=1)),
+                        vision_config=T.CLIPVisionConfig(**VISION), image_token_id=words.index("<image>"))
+    T.LlavaForConditionalGeneration(cfg).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -29,7 +29,11 @@ def test_wheel_installs_in_a_fresh_venv_and_its_console_scripts_run(tmp_path):
     sh(*pip, wheel)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     help_ = sh(venv / "bin" / "vlm-preserve", "--help", cwd=tmp_path, env=env)
-    assert "check-upstream" in help_.stdout and "demo" in help_.stdout
+    assert "check-upstream" in help_.stdout and "demo" in help_.stdout and "diagnose" in help_.stdout
+    # diagnose without its optional extra: says what to install before loading anything
+    p = sh(venv / "bin" / "vlm-preserve", "diagnose", "--model", "m", "--data", "d.json", "--out", "o", cwd=tmp_path,
+           env=env, check=False)
+    assert p.returncode == 2 and "pip install 'vlm-preserve-plugin[diagnose]'" in p.stderr
     train_help = sh(venv / "bin" / "llava-train", "--help", cwd=tmp_path, env=env)
     assert "--regularizer" in train_help.stdout and "--rdd_weight" in train_help.stdout
     # no upstream LLaVA in this venv: a clear error that says how to install it

@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--regularizer", default="rdd,pre")
     d.add_argument("--max-steps", type=int, default=8)
 
+    from . import diagnose
+    diagnose.add_parser(sub)
+
     args = p.parse_args(argv)
     if args.command == "check-upstream":
         from ..upstream_check import check_upstream
@@ -28,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import demo
         return demo(args.out, args.regularizer, args.max_steps)
+    if args.command == "diagnose":
+        return diagnose.run(args)
     return 2
 
 
