@@ -1,6 +1,9 @@
-"""Overhead of the RDD and PRe terms: step time and peak memory (method and results: docs/benchmarks.md).
+"""Overhead of the regularizers: step time and peak memory (method and results: docs/benchmarks.md).
 
-    PYTHONPATH=plugin python benchmarks/bench_overhead.py [--quick] [--json PATH] [--skip a|b]
+    PYTHONPATH=plugin python benchmarks/bench_overhead.py [--quick] [--json PATH] [--skip a|b] [--configs C ...]
+
+(--configs: Part A's runs, e.g. `none distill "distill --distill_route all"`; a config is --regularizer's value
+followed by any flags; `none` is always run, as the base of the ratios.)
 
 A: CPU reference shape, end to end: upstream LLaVA train() on a widened tiny fixture, plain upstream and
    `llava-train --regularizer none|rdd|pre|rdd,pre`, one fresh 1-thread subprocess per run, configs interleaved
@@ -20,7 +23,7 @@ import sys
 import tempfile
 import time
 
-CONFIGS = ["upstream", "none", "rdd", "pre", "rdd,pre"]
+CONFIGS = ["upstream", "none", "rdd", "pre", "rdd,pre", "distill"]
 P_7B, LAYERS_7B, VOCAB_7B, GPUS, TARGET = 6.7e9, 32, 32000, 8, 0.01
 MEM_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # big buffers mmap'd, unmapped on free: RSS follows live memory
 MIB, GIB = 2 ** 20, 2 ** 30
@@ -100,7 +103,7 @@ def worker_train(config: str, fixture: str, out: str, steps: int, batch: int) ->
         train()
     else:
         from vlm_preserve.cli.llava_train import main
-        main(argv + ["--regularizer", config])
+        main(argv + ["--regularizer", *config.split()])
     return probe.r
 
 
@@ -171,9 +174,10 @@ def part_a(args, tmp: str) -> dict:
     from vlm_preserve.fixtures import build_tiny_llava
     fx = build_tiny_llava(os.path.join(tmp, "fx"), hidden_size=args.a_hidden, layers=args.a_layers,
                           n_image_samples=48, n_text_samples=16)
-    runs = {c: [] for c in CONFIGS}
+    configs = list(dict.fromkeys(["none", *args.configs]))
+    runs = {c: [] for c in configs}
     for rep in range(args.repeats):
-        for c in (CONFIGS if rep % 2 == 0 else CONFIGS[::-1]):
+        for c in (configs if rep % 2 == 0 else configs[::-1]):
             r = run_worker("--_train", c, fx.root, os.path.join(tmp, f"r{rep}{c}"), args.a_steps, args.a_batch,
                            env_extra={"OMP_NUM_THREADS": "1"})  # 1 thread: CPU time = work, even under other load
             r["median_step_s"], r["median_cpu_s"] = med(r["step_s"][args.a_warmup:]), med(r["cpu_s"][args.a_warmup:])
@@ -186,7 +190,7 @@ def part_a(args, tmp: str) -> dict:
                               for a, b in zip(rc[k][w:], rn[k][w:]))
     res = {c: {**{k: med(r[k] for r in runs[c]) for k in keys}, "paired_wall": paired(c, "step_s"),
                "paired_cpu": paired(c, "cpu_s"),
-               "runs": [{k: r[k] for k in ("step_s", "cpu_s", *keys[2:])} for r in runs[c]]} for c in CONFIGS}
+               "runs": [{k: r[k] for k in ("step_s", "cpu_s", *keys[2:])} for r in runs[c]]} for c in configs}
     r0, n = runs["none"][0], res["none"]
     lens = [s[1] for s in r0["padded"]]
     shape = {"batch": args.a_batch, "hidden": args.a_hidden, "layers": args.a_layers, "threads": 1,
@@ -197,11 +201,11 @@ def part_a(args, tmp: str) -> dict:
           f"{args.a_layers} layers (4 heads, MLP {2 * args.a_hidden}), 1 thread, padded length {min(lens)}.."
           f"{max(lens)}, mean {shape['mean_attended_tokens_per_batch']:.0f} attended tokens/batch (16 visual/image); "
           f"median of {args.repeats} runs, each the median of {args.a_steps - args.a_warmup} steps")
-    print(f"{'config':9s} {'wall ms':>8s} {'x none':>7s} {'CPU ms':>8s} {'x none':>7s} {'peak RSS MiB':>13s} "
+    print(f"{'config':30s} {'wall ms':>8s} {'x none':>7s} {'CPU ms':>8s} {'x none':>7s} {'peak RSS MiB':>13s} "
           f"{'x none':>7s} {'rise MiB':>9s}")
-    for c in CONFIGS:
+    for c in configs:
         r = res[c]
-        print(f"{c:9s} {r['median_step_s'] * 1e3:8.1f} {r['paired_wall']:7.3f} {r['median_cpu_s'] * 1e3:8.1f} "
+        print(f"{c:30s} {r['median_step_s'] * 1e3:8.1f} {r['paired_wall']:7.3f} {r['median_cpu_s'] * 1e3:8.1f} "
               f"{r['paired_cpu']:7.3f} {r['peak_rss'] / MIB:13.0f} {r['peak_rss'] / n['peak_rss']:7.3f} "
               f"{r['train_peak_rise'] / MIB:9.1f}")
     print("  wall/CPU ms: per step, median over steps then runs; CPU = process CPU time (1 torch thread);\n"
@@ -286,6 +290,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="~2 minute smoke run: fewer steps/repeats, batch 2 in B")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_overhead.json"))
     ap.add_argument("--skip", choices=["a", "b"], help="skip one part")
+    ap.add_argument("--configs", nargs="+", default=CONFIGS, help="Part A's configs (default: %(default)s)")
     args = ap.parse_args()
     args.a_hidden, args.a_layers, args.a_batch = 256, 8, 8
     args.a_steps, args.a_warmup, args.repeats = (5, 2, 1) if args.quick else (12, 2, 3)

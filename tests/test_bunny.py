@@ -60,9 +60,11 @@ def test_none_is_bit_identical_to_plain_upstream(fx, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("reg,terms", [("rdd", ["rdd_loss"]), ("pre", ["pre_loss"]), ("rdd,pre", ["rdd_loss", "pre_loss"])])
+@pytest.mark.parametrize("reg,terms", [("rdd", ["rdd_loss"]), ("pre", ["pre_loss"]), ("rdd,pre", ["rdd_loss", "pre_loss"]),
+                                       ("rdd,pre,distill", ["rdd_loss", "pre_loss", "distill_loss"])])
 def test_regularizers_train_log_and_stay_out_of_the_export(fx, tmp_path, reg, terms):
-    p = run("plugin", bunny_train_args(fx, tmp_path) + ["--regularizer", reg])
+    p = run("plugin", bunny_train_args(fx, tmp_path) + ["--regularizer", reg]
+            + (["--distill_route", "all"] if "distill" in reg else []))
     assert "tokenization mismatch" not in p.stdout + p.stderr
     logged = rows(tmp_path)
     assert len(logged) == 4 and all(r["lm_loss"] > 1.0 for r in logged)

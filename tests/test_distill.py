@@ -181,3 +181,21 @@ def test_trainer_path(reg, tmp_path):
     else:
         assert not (ckpt / "vlm_preserve_heads.safetensors").exists()
     handle.detach()
+
+
+def test_generic_adapter_gives_the_same_distillation_as_the_native_one():
+    from vlm_preserve import GenericAdapter
+    model = build("llava").eval()
+    batch = make_batch(model, "llava")
+    teacher = teacher_of(model, noise=0.05)
+    generic = GenericAdapter(embed="model.language_model.embed_tokens", projector="model.multi_modal_projector",
+                             layers="model.language_model.layers", image_token_id=model.config.image_token_id,
+                             lm_head="lm_head")
+    values = []
+    for adapter in (None, generic):
+        att = attach(model, "distill", distill=DistillConfig(distill_route="all"), teacher=teacher, adapter=adapter)
+        out = model(**batch)
+        values.append(att.total_loss(out.loss, out)[1]["distill_loss"])
+        att.detach()
+    assert values[0] > 0
+    torch.testing.assert_close(values[1], values[0])
