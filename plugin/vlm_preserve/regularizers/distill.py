@@ -19,9 +19,9 @@ Routing (selective distillation): a sample is distilled when the rule says it is
 `auto`: no image in it, or at least `distill_min_response_tokens` supervised tokens (a long free-form
 answer); `text_only`; `long_response`; `all` — unless its own override says otherwise: the batch key
 `vlm_preserve_distill` ((B,) ints: 1 distil, 0 never, -1 follow the rule), which `llava-train` fills from the
-data json field named by `distill_route_field`. Other samples keep the plain LM loss. The teacher runs on
-every step whenever torch.distributed is initialised (every rank runs the same forwards), otherwise only
-when some token is routed.
+data json field named by `distill_route_field`. Other samples keep the plain LM loss, and the teacher runs
+only on the routed samples. Skipping it on a rank is safe: it is replicated and outside every DeepSpeed/DDP
+engine, so its forward runs no collective, and the student's forwards and backward are the same either way.
 """
 from __future__ import annotations
 
@@ -175,7 +175,10 @@ class Distill:
         return hook
 
     def teacher_logits(self, cap: StepCapture, positions: torch.Tensor) -> torch.Tensor:
-        """Teacher logits (N, V) at `positions` (B, L) bool, seeing the image through the student's keys/values."""
+        """Teacher logits (N, V) at `positions` (B, L) bool, seeing the image through the student's keys/values.
+
+        The teacher runs only on the samples that have a position, up to the last one (causal attention: later
+        tokens cannot change earlier logits)."""
         if cap.input_ids is None:
             raise RuntimeError("vlm-preserve: distill needs the token ids at text positions; this adapter's capture has "
                                "none (GenericAdapter: use image_token_id, so input_ids align with the decoder input).")
@@ -183,20 +186,29 @@ class Distill:
         device = cap.inputs_embeds.device
         if next(t.parameters()).device != device:
             t.to(device)
-        image = cap.image_mask
-        embeds = t.get_input_embeddings()(cap.input_ids.clamp(min=0).to(device))
-        embeds = embeds.masked_fill(image[..., None], 0.0)
+        positions = positions.to(device)
+        rows = positions.any(1)
+        length = int(positions.any(0).nonzero().max()) + 1
+        keep = torch.zeros_like(positions)
+        keep[rows, :length] = True
         kv = cap.extra.get("kv", {})
         missing = [i for i in self.shared if i not in kv or None in kv[i]]
-        if missing and bool(image.any()):
+        if missing and bool(cap.image_mask.any()):
             raise RuntimeError(f"vlm-preserve: the student's forward recorded no keys/values for layers {missing}.")
-        self._inject = {i: (image, [r[image] if r.dim() == 3 else r for r in kv[i]]) for i in self.shared if i in kv}
+        image = cap.image_mask[rows, :length]
+        kept = keep[cap.image_mask]  # which of the recorded image rows belong to the kept block
+
+        def rows_of(r):
+            return r[rows, :length][image] if r.dim() == 3 else r[kept]
+        self._inject = {i: (image, [rows_of(r) for r in kv[i]]) for i in self.shared if i in kv}
+        embeds = t.get_input_embeddings()(cap.input_ids[rows, :length].clamp(min=0).to(device))
+        embeds = embeds.masked_fill(image[..., None], 0.0)
         grad = self.cfg.distill_kv_grad and torch.is_grad_enabled()
         try:
             with (contextlib.nullcontext() if grad else torch.no_grad()):
-                out = t.base_model(inputs_embeds=embeds, attention_mask=cap.attention_mask.long(), use_cache=False)
-                hidden = out[0]
-                return t.get_output_embeddings()(hidden[positions.to(device)])
+                out = t.base_model(inputs_embeds=embeds, attention_mask=cap.attention_mask[rows, :length].long(),
+                                   use_cache=False)
+                return t.get_output_embeddings()(out[0][positions[rows, :length]])
         finally:
             self._inject = None
 
@@ -220,10 +232,7 @@ class Distill:
                                "(reentrant gradient checkpointing runs the forward without autograd); use "
                                "gradient_checkpointing_kwargs={'use_reentrant': False} or leave distill_kv_grad off.")
         sel = self.positions(cap)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if not bool(sel.any()):
-            if distributed:  # same forwards on every rank, whatever its batch holds
-                self.teacher_logits(cap, sel)
+        if not bool(sel.any()):  # the teacher is outside every engine and runs no collective: skipping is safe
             return cap.logits.sum() * 0.0, False
         student = cap.logits[sel.to(cap.logits.device)]
         return kl_loss(student, self.teacher_logits(cap, sel).to(student.device), self.cfg.distill_temperature), True
