@@ -21,7 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--regularizer", default="rdd,pre")
     d.add_argument("--max-steps", type=int, default=8)
 
+    from . import offline
+    offline.register(sub)
+
     args = p.parse_args(argv)
+    if args.command in ("merge", "extract-llm", "eval-language"):
+        return offline.run(args)
     if args.command == "check-upstream":
         from ..upstream_check import check_upstream
         return check_upstream(args.upstream, source=args.source, run=not args.skip_run)
