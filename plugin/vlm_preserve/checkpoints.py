@@ -67,8 +67,7 @@ class _Folder:
         if file not in self._handles:
             path = self.folder / file
             if file.endswith(".safetensors"):
-                from safetensors import safe_open
-                self._handles[file] = safe_open(str(path), framework="pt")
+                self._handles[file] = _SafetensorsFile(path)
             else:
                 import torch
                 self._handles[file] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -78,12 +77,41 @@ class _Folder:
         h = self._open(self.files[name])
         if isinstance(h, dict):
             return _dtype_name(h[name]), tuple(h[name].shape)
-        s = h.get_slice(name)
-        return s.get_dtype(), tuple(s.get_shape())
+        return h.spec(name)
 
     def get(self, name: str):
         h = self._open(self.files[name])
-        return h[name] if isinstance(h, dict) else h.get_tensor(name)
+        return h[name] if isinstance(h, dict) else h.get(name)
+
+
+class _SafetensorsFile:
+    """Reads tensors with plain file reads into fresh buffers instead of safetensors' mmap: mapped pages
+    that were read count in the process's RSS until the file is closed (a whole shard), copies do not."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            self.header = json.loads(f.read(n))
+        self.header.pop("__metadata__", None)
+        self.start = 8 + n
+
+    def keys(self):
+        return self.header.keys()
+
+    def spec(self, name: str) -> tuple[str, tuple[int, ...]]:
+        return self.header[name]["dtype"], tuple(self.header[name]["shape"])
+
+    def get(self, name: str):
+        import torch
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        t = torch.empty(info["shape"], dtype=getattr(torch, DTYPES[info["dtype"]]))
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.start + begin)
+            if end > begin and f.readinto(t.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+                raise ConfigError(f"{self.path}: tensor {name!r} is truncated (the file is incomplete).")
+        return t
 
 
 class Checkpoint:
