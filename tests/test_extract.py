@@ -36,7 +36,8 @@ def test_native_extracted_llm_gives_the_same_logits(base, tmp_path, layout):
     ref = LlavaForConditionalGeneration.from_pretrained(vlm).eval()
     ids = _ids(llm.config.vocab_size)
     with torch.no_grad():
-        assert torch.equal(llm(input_ids=ids).logits, ref(input_ids=ids).logits)
+        # transformers 4.36's Llava runs the LM from inputs_embeds (another attention path): equal to rounding
+        torch.testing.assert_close(llm(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
     assert len(AutoTokenizer.from_pretrained(tmp_path / "llm")) == llm.config.vocab_size  # the VLM's tokenizer
     assert not json.loads((tmp_path / "llm" / "config.json").read_text())["tie_word_embeddings"]
 

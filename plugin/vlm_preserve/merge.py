@@ -104,16 +104,14 @@ def merged(vlm_t, llm_t, alphas, method: str, density: float, seed: int, name: s
     work = torch.float64 if vlm_t.dtype == torch.float64 else torch.float32
     v = vlm_t.to(work)
     rows = slice(None) if shared_rows is None else slice(0, shared_rows)
-    s = sparsify(llm_t.to(work) - v[rows], method, density, seed, name)
+    s = sparsify(llm_t.to(work).sub_(v[rows]), method, density, seed, name)
+    buf = torch.empty_like(v)  # reused across alphas: fresh large allocations cost page faults
+    if shared_rows is not None:
+        buf[shared_rows:] = v[shared_rows:]
     outs = []
     for a in alphas:
-        out = v.clone() if shared_rows is not None else None
-        m = v[rows] + s * a
-        if out is None:
-            out = m
-        else:
-            out[rows] = m
-        outs.append(out.to(vlm_t.dtype))
+        torch.mul(s, a, out=buf[rows]).add_(v[rows])  # = v + s * a, bit for bit
+        outs.append(buf.to(vlm_t.dtype, copy=True))
     return outs
 
 
