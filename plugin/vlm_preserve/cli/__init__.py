@@ -1,4 +1,4 @@
-"""`vlm-preserve`: the command group (later issues add merge, extract-llm, diagnose, eval-language)."""
+"""`vlm-preserve`: the command group: check-upstream, demo, diagnose, merge, extract-llm, eval-language."""
 from __future__ import annotations
 
 import argparse
@@ -21,10 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--regularizer", default="rdd,pre")
     d.add_argument("--max-steps", type=int, default=8)
 
-    from . import diagnose
+    from . import diagnose, offline
     diagnose.add_parser(sub)
+    offline.register(sub)
 
     args = p.parse_args(argv)
+    if args.command in ("merge", "extract-llm", "eval-language"):
+        return offline.run(args)
     if args.command == "check-upstream":
         from ..upstream_check import check_upstream
         return check_upstream(args.upstream, source=args.source, run=not args.skip_run)

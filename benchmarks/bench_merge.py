@@ -1,0 +1,187 @@
+"""Benchmark `vlm-preserve merge` on a generated >= 1B-parameter checkpoint pair (bf16 safetensors shards):
+wall time and peak RSS of our merge, of a plain read of the same inputs, and of mergekit's task_arithmetic
+merge of the same tensors; then checks mergekit's output equals ours (density 1.0, sparsify none).
+
+    PYTHONPATH=plugin .venv/transformers/bin/python benchmarks/bench_merge.py --work /tmp/bench_merge \
+        --mergekit /tmp/venvs/mergekit/bin/mergekit-yaml
+
+Each measurement is a fresh subprocess; peak RSS is its ru_maxrss (os.wait4). The page cache is warm for every
+run (the inputs are read once before timing), so times compare CPU and memory work, not disk speed.
+The "VLM" is the LLM plus noise in the plain Llama layout, so that mergekit (which needs an architecture it
+knows) reads the same tensors; vision tensors would only be copied, by both tools alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+             num_key_value_heads=4, vocab_size=32000)  # TinyLlama-1.1B's shape: 1.10e9 parameters
+ALPHA = 0.3
+
+
+def tensors(s):
+    h, i, kv = s["hidden_size"], s["intermediate_size"], s["hidden_size"] // s["num_attention_heads"] * s["num_key_value_heads"]
+    yield "model.embed_tokens.weight", (s["vocab_size"], h)
+    for l in range(s["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+        yield p + "input_layernorm.weight", (h,)
+        yield p + "self_attn.q_proj.weight", (h, h)
+        yield p + "self_attn.k_proj.weight", (kv, h)
+        yield p + "self_attn.v_proj.weight", (kv, h)
+        yield p + "self_attn.o_proj.weight", (h, h)
+        yield p + "post_attention_layernorm.weight", (h,)
+        yield p + "mlp.gate_proj.weight", (i, h)
+        yield p + "mlp.up_proj.weight", (i, h)
+        yield p + "mlp.down_proj.weight", (h, i)
+    yield "model.norm.weight", (h,)
+    yield "lm_head.weight", (s["vocab_size"], h)
+
+
+def generate(folder: Path, seed: int, base: Path | None = None, shard_bytes: int = 1 << 30) -> int:
+    """A Llama checkpoint in bf16 shards; with `base`, base + noise (a fine-tuned model's weights)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    base_sd = {}
+    if base:
+        for f in sorted(base.glob("*.safetensors")):
+            base_sd.update(load_file(str(f)))
+    shards, cur, size, n_params = [], {}, 0, 0
+    for name, shape in tensors(SHAPE):
+        t = torch.randn(shape, generator=g, dtype=torch.float32).mul_(0.02)
+        t = (base_sd[name].float() + 0.1 * t if base else t).to(torch.bfloat16)
+        cur[name] = t
+        size += t.numel() * 2
+        n_params += t.numel()
+        if size >= shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+    shards.append(cur)
+    index = {}
+    for k, sd in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(sd, str(folder / fname), metadata={"format": "pt"})
+        index.update({n: fname for n in sd})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    cfg = dict(SHAPE, architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype="bfloat16",
+               max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return n_params
+
+
+def measure(cmd: list[str], env=None) -> dict:
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t
+    err = p.stderr.read().decode()
+    if status != 0:
+        raise SystemExit(f"{cmd[:3]} failed ({status}):\n{err[-3000:]}")
+    return {"wall_s": round(wall, 2), "peak_rss_mib": round(ru.ru_maxrss / 1024, 1),
+            "cpu_s": round(ru.ru_utime + ru.ru_stime, 2)}
+
+
+READ = """import sys
+from safetensors import safe_open
+for folder in sys.argv[1:]:
+    import glob
+    for f in sorted(glob.glob(folder + '/*.safetensors')):
+        with safe_open(f, framework='pt') as h:
+            for k in h.keys():
+                h.get_tensor(k)
+"""
+RAW = """import sys, glob
+buf = bytearray(1 << 24)
+for folder in sys.argv[1:]:
+    for f in sorted(glob.glob(folder + '/*.safetensors')):
+        with open(f, 'rb', buffering=0) as h:
+            while h.readinto(buf):
+                pass
+"""
+
+
+def equal_outputs(a: Path, b: Path) -> tuple[int, list[str]]:
+    import torch
+    from safetensors import safe_open
+    def index(folder):
+        return {k: f for f in folder.glob("*.safetensors") for k in safe_open(str(f), "pt").keys()}
+    ia, ib = index(a), index(b)
+    bad = sorted(set(ia) ^ set(ib))
+    for k in sorted(set(ia) & set(ib)):
+        x = safe_open(str(ia[k]), "pt").get_tensor(k)
+        y = safe_open(str(ib[k]), "pt").get_tensor(k)
+        if x.dtype != y.dtype or not torch.equal(x, y):
+            bad.append(k)
+    return len(ia), bad
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default="/tmp/bench_merge", help="scratch folder (about 11 GB; removed at the end)")
+    ap.add_argument("--mergekit", help="path of mergekit-yaml (in its own venv)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    ap.add_argument("--generate", help=argparse.SUPPRESS)
+    ap.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"], help="fewer for a smoke run")
+    args = ap.parse_args()
+    SHAPE["num_hidden_layers"] = args.layers
+    if args.generate:
+        work = Path(args.generate)
+        n = generate(work / "llm", 0)
+        generate(work / "vlm", 1, base=work / "llm")
+        (work / "n_params.json").write_text(str(n))
+        return
+    work = Path(args.work)
+    if work.exists():
+        shutil.rmtree(work)
+    llm, vlm = work / "llm", work / "vlm"
+    py = sys.executable
+    t = time.perf_counter()
+    # In a child: ru_maxrss of a later child would otherwise start from this process's size at fork.
+    subprocess.run([py, __file__, "--generate", str(work), "--layers", str(args.layers)], check=True)
+    n = json.loads((work / "n_params.json").read_text())
+    print(f"generated 2 checkpoints of {n / 1e9:.3f}B parameters in {time.perf_counter() - t:.0f} s", flush=True)
+    subprocess.run(["sync"])
+    res = {"loadavg_start": os.getloadavg(), "parameters": n, "alpha": ALPHA, "input_bytes": sum(f.stat().st_size for f in work.rglob("*.safetensors"))}
+    measure([py, "-c", RAW, str(vlm), str(llm)])  # warm the page cache
+    res["raw_read"] = measure([py, "-c", RAW, str(vlm), str(llm)])
+    res["safetensors_read"] = measure([py, "-c", READ, str(vlm), str(llm)])
+    print(res, flush=True)
+    ours = [py, "-c", "from vlm_preserve.cli import entry; entry()", "merge", "--vlm", str(vlm), "--base-llm", str(llm),
+            "--alpha", str(ALPHA), "--no-progress"]
+    res["ours"] = measure(ours + ["--out", str(work / "ours")])
+    res["plugin_import_only"] = measure([py, "-c", "import vlm_preserve.merge, torch"])
+    print(res["ours"], flush=True)
+    res["ours_3_alphas"] = measure(ours[:-3] + ["--alpha", "0.1,0.2,0.4", "--no-progress", "--out", str(work / "ours3")])
+    print(res["ours_3_alphas"], flush=True)
+    shutil.rmtree(work / "ours3")
+    if args.mergekit:
+        cfg = work / "mergekit.yml"
+        # task_arithmetic: base + sum_i w_i (theta_i - base), normalize off: = theta_vlm + alpha (theta_llm - theta_vlm)
+        cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {vlm}\nmodels:\n  - model: {llm}\n"
+                       f"    parameters:\n      weight: {ALPHA}\nparameters:\n  normalize: false\n"
+                       f"dtype: float32\nout_dtype: bfloat16\n")
+        res["mergekit"] = measure([args.mergekit, str(cfg), str(work / "mergekit"), "--lazy-unpickle",
+                                   "--no-copy-tokenizer"])
+        print(res["mergekit"], flush=True)
+        count, bad = equal_outputs(work / "ours", work / "mergekit")
+        res["mergekit_equal"] = {"tensors": count, "different_or_missing": bad[:10], "n_different": len(bad)}
+    r = res["raw_read"]["wall_s"]
+    res["ratios"] = {k: round(res[k]["wall_s"] / r, 2) for k in ("safetensors_read", "ours", "ours_3_alphas", "mergekit")
+                     if k in res}
+    res["ours_vs_safetensors_read"] = round(res["ours"]["wall_s"] / res["safetensors_read"]["wall_s"], 2)
+    res["loadavg_end"] = os.getloadavg()
+    print(json.dumps(res, indent=2))
+    if not args.keep:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The offline checkpoint tools of `vlm-preserve`: merge, extract-llm, eval-language (no trainer involved)."""
+from __future__ import annotations
+
+import sys
+
+
+def _alphas(text: str) -> list[float]:
+    try:
+        return [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise SystemExit(f"vlm-preserve merge: --alpha {text!r} is not a number or comma-separated list "
+                         f"(e.g. 0.1 or 0.1,0.2,0.4)")
+
+
+def register(sub) -> None:
+    m = sub.add_parser("merge", help="ModelMerge: theta = theta_vlm + alpha * Sparsify_K(theta_llm - theta_vlm) over "
+                                     "the VLM's language model; vision tower and projector copied unchanged.")
+    m.add_argument("--vlm", required=True, help="VLM checkpoint folder (upstream LLaVA/Bunny, transformers-native, NVILA).")
+    m.add_argument("--base-llm", required=True, help="The plain CausalLM checkpoint the VLM was built from.")
+    m.add_argument("--alpha", required=True, type=_alphas,
+                   help="alpha, or a comma-separated list (one merged model per value, written in one pass).")
+    m.add_argument("--density", type=float, default=1.0, help="K: fraction of each task vector kept (default 1.0).")
+    m.add_argument("--sparsify", choices=["none", "magnitude", "dare"], default="none",
+                   help="none; magnitude = top-K |tau| per tensor; dare = random keep K, rescaled by 1/K.")
+    m.add_argument("--seed", type=int, default=0, help="Seed of dare's masks (default 0).")
+    m.add_argument("--out", required=True, help="Output folder (must not exist); with several alphas it holds "
+                                                "alpha-<value>/ subfolders.")
+    m.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+    e = sub.add_parser("extract-llm", help="Write the VLM's language model as a plain transformers CausalLM.")
+    e.add_argument("vlm", help="VLM checkpoint folder.")
+    e.add_argument("--out", required=True, help="Output folder (must not exist).")
+
+    v = sub.add_parser("eval-language", help="lm-evaluation-harness on the base LLM and each VLM's extracted LLM: "
+                                             "per-task scores and deltas (markdown, json) and a bar chart (PNG).")
+    v.add_argument("--base", required=True, help="The base LLM checkpoint.")
+    v.add_argument("--vlm", required=True, nargs="+", help="One or more VLM checkpoint folders.")
+    v.add_argument("--tasks", required=True, help="Comma-separated lm-eval task names, e.g. "
+                                                 "mmlu,arc_easy,arc_challenge,openbookqa.")
+    v.add_argument("--limit", type=int, help="At most this many examples per task (lm-eval's --limit).")
+    v.add_argument("--include-path", help="Folder of extra lm-eval task YAMLs (e.g. local task files).")
+    v.add_argument("--batch-size", type=int, default=1)
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--out", required=True, help="Output folder for the report and the extracted LLMs.")
+
+
+def run(args) -> int:
+    from ..config import ConfigError
+    try:
+        if args.command == "merge":
+            from ..merge import merge
+            outs = merge(args.vlm, args.base_llm, args.alpha, args.out, density=args.density,
+                         sparsify_method=args.sparsify, seed=args.seed, show_progress=not args.no_progress)
+            print("\n".join(map(str, outs)))
+        elif args.command == "extract-llm":
+            from ..extract import extract_llm
+            print(extract_llm(args.vlm, args.out))
+        else:
+            from ..eval_language import eval_language
+            report = eval_language(args.base, args.vlm, args.tasks.split(","), args.out, limit=args.limit,
+                                   include_path=args.include_path, batch_size=args.batch_size, device=args.device)
+            print(report.read_text())
+    except ConfigError as e:
+        print(f"vlm-preserve {args.command}: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,207 @@
+"""ModelMerge (arXiv 2412.03467; METHODS.md §4): training-free, put the original LLM back into a VLM's language
+model.
+
+    τ = θ_llm − θ_vlm                      (parameters both have: the VLM's language model)
+    θ_merged = θ_vlm + α · Sparsify_K(τ)
+
+Sparsify_K, per tensor, with K = `density` in (0, 1]:
+- `none`: τ.
+- `magnitude`: τ ⊙ [|τ| ≥ t], t the k-th largest |τ|, k = round(K · numel) (ties at t are all kept).
+- `dare`: (τ ⊙ m) / K with m ~ Bernoulli(K) drawn from `torch.Generator().manual_seed(tensor_seed(seed, name))`,
+  so the mask depends on the seed and the tensor's name only, never on shard order or the other tensors.
+
+Arithmetic is in float32 (float64 for float64 tensors), written back in the VLM's dtype. Vision tower and
+projector are copied unchanged. Embedding rows the VLM added (new tokens) keep the VLM's values; the shared
+rows merge (Sparsify_K over the shared rows). Several α are written in one pass over the inputs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoints import (EMBEDDING_SUFFIXES, Checkpoint, Hasher, ShardWriter, atomic_dir, copy_side_files,
+                          llm_name, progress, shard_names, write_index, _nbytes)
+from .config import ConfigError
+
+SPARSIFIERS = ("none", "magnitude", "dare")
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+def sparsify(tau, method: str, density: float, seed: int = 0, name: str = ""):
+    import torch
+    if method == "none":
+        return tau
+    if method == "magnitude":
+        k = round(density * tau.numel())
+        if k >= tau.numel():
+            return tau
+        if k == 0:
+            return torch.zeros_like(tau)
+        mag = tau.abs()
+        t = mag.reshape(-1).kthvalue(tau.numel() - k + 1).values
+        return tau * (mag >= t)
+    if method == "dare":
+        g = torch.Generator().manual_seed(tensor_seed(seed, name))
+        keep = torch.rand(tau.shape, generator=g) < density
+        return (tau * keep) / density
+    raise ValueError(method)
+
+
+@dataclass
+class _Item:
+    name: str                 # in the VLM (and the output)
+    dtype: str
+    shape: tuple
+    llm: str | None = None    # counterpart in the base LLM; None = copied unchanged
+    shared_rows: int | None = None  # set when the VLM added embedding rows
+
+
+def plan(vlm: Checkpoint, base: Checkpoint) -> list[_Item]:
+    """Pair every VLM tensor with its base-LLM counterpart, checking names and shapes before anything runs."""
+    if base.layout != "causal-lm":
+        raise ConfigError(f"--base-llm {base.path} looks like a VLM ({base.layout} layout): pass the plain "
+                          f"CausalLM checkpoint the VLM was built from (tensors model.*, lm_head.*).")
+    base_names = set(base.names)
+    items, used = [], set()
+    for name in vlm.names:
+        dtype, shape = vlm.spec(name)
+        item = _Item(name, dtype, shape, llm_name(vlm.layout, name))
+        if item.llm is not None and dtype in ("F32", "F16", "BF16", "F64"):
+            if item.llm not in base_names:
+                raise ConfigError(f"tensor {name!r} of the VLM's language model has no counterpart {item.llm!r} in "
+                                  f"--base-llm {base.path}: pass the LLM this VLM was built from.")
+            _, bshape = base.spec(item.llm)
+            if bshape != shape:
+                added = (len(shape) == 2 and shape[1:] == bshape[1:] and shape[0] > bshape[0]
+                         and name.endswith(EMBEDDING_SUFFIXES))
+                if not added:
+                    raise ConfigError(f"tensor {name!r}: shape {list(shape)} in the VLM but {list(bshape)} in "
+                                      f"--base-llm ({item.llm!r}); only embedding rows added for new tokens may "
+                                      f"differ. Is --base-llm the LLM this VLM was built from?")
+                item.shared_rows = bshape[0]
+            used.add(item.llm)
+        else:  # vision/projector tensors, and integer buffers, are copied unchanged
+            used.add(item.llm)
+            item.llm = None
+        items.append(item)
+    unused = sorted(n for n in base_names - used if not n.startswith("lm_head."))  # lm_head absent = tied in VLM
+    if unused:
+        raise ConfigError(f"--base-llm has {len(unused)} tensors the VLM's language model lacks, e.g. {unused[0]!r}: "
+                          f"the two models differ in architecture.")
+    return items
+
+
+def merged(vlm_t, llm_t, alphas, method: str, density: float, seed: int, name: str, shared_rows=None):
+    """θ_vlm + α · Sparsify_K(θ_llm − θ_vlm) for each α, in the VLM's dtype."""
+    import torch
+    work = torch.float64 if vlm_t.dtype == torch.float64 else torch.float32
+    v = vlm_t.to(work)
+    rows = slice(None) if shared_rows is None else slice(0, shared_rows)
+    s = sparsify(llm_t.to(work).sub_(v[rows]), method, density, seed, name)
+    buf = torch.empty_like(v)  # reused across alphas: fresh large allocations cost page faults
+    if shared_rows is not None:
+        buf[shared_rows:] = v[shared_rows:]
+    outs = []
+    for a in alphas:
+        torch.mul(s, a, out=buf[rows]).add_(v[rows])  # = v + s * a, bit for bit
+        outs.append(buf.to(vlm_t.dtype, copy=True))
+    return outs
+
+
+def _check(alphas, method, density):
+    if not alphas:
+        raise ConfigError("--alpha: give at least one value, e.g. --alpha 0.1 or --alpha 0.1,0.2,0.4")
+    if len(set(alphas)) != len(alphas):
+        raise ConfigError(f"--alpha {','.join(map(str, alphas))} repeats a value: each α writes one model.")
+    if method not in SPARSIFIERS:
+        raise ConfigError(f"--sparsify {method!r} is not one of: {', '.join(SPARSIFIERS)}")
+    if not 0 < density <= 1:
+        raise ConfigError(f"--density {density} is out of range: the kept fraction K must be in (0, 1].")
+
+
+def alpha_dir(a: float) -> str:
+    return f"alpha-{a:g}"
+
+
+def merge(vlm: str, base_llm: str, alphas, out: str, *, density: float = 1.0, sparsify_method: str = "none",
+          seed: int = 0, show_progress: bool = True) -> list[Path]:
+    """Write the merged VLM to `out` (one α), or `out/alpha-<α>/` for each of several α. Returns the folders."""
+    alphas = [float(a) for a in alphas]
+    _check(alphas, sparsify_method, density)
+    v, b = Checkpoint(vlm), Checkpoint(base_llm)
+    items = plan(v, b)
+    hasher = Hasher(v.path, b.path)
+    t0 = time.time()
+    subdirs = [""] if len(alphas) == 1 else [alpha_dir(a) for a in alphas]
+    by_file: dict[str, list[_Item]] = {}
+    for it in items:
+        by_file.setdefault(v.file_of(it.name), []).append(it)
+    # NVILA components without LLM tensors (vision_tower/, mm_projector/) are copied as files, byte for byte.
+    copied_parts = {p for p in v.parts if p and not any(llm_name(v.layout, p + n) for n in v.parts[p].files)}
+    written_parts = [p for p in v.parts if p not in copied_parts]
+    total = sum(_nbytes(it.dtype, it.shape) for it in items if not any(it.name.startswith(p) for p in copied_parts))
+    bar = progress(total, "merge") if show_progress else None
+    stats = {"merged_tensors": 0, "copied_tensors": 0, "kept_vlm_rows": {}}
+    with atomic_dir(out) as tmp:
+        roots = [tmp / s for s in subdirs]
+        for root in roots:
+            _copy_tree_except_weights(v, root, copied_parts)
+        for part in written_parts:
+            files = {f: its for f, its in by_file.items() if (Path(f).parent.name + "/" if part else "") == part}
+            names = shard_names(len(files))
+            for (src, its), dst in zip(files.items(), names):
+                rel = Path(part) / dst
+                writers = [ShardWriter(root / rel, [(i.name[len(part):], i.dtype, i.shape) for i in its])
+                           for root in roots]
+                for it in its:
+                    t = v.get(it.name)
+                    if it.llm is None:
+                        outs = [t] * len(roots)
+                        stats["copied_tensors"] += 1
+                    else:
+                        outs = merged(t, b.get(it.llm), alphas, sparsify_method, density, seed, it.name,
+                                      it.shared_rows)
+                        stats["merged_tensors"] += 1
+                        if it.shared_rows is not None:
+                            stats["kept_vlm_rows"][it.name] = [it.shared_rows, it.shape[0]]
+                    for w, o in zip(writers, outs):
+                        w.write(it.name[len(part):], o)
+                    if bar:
+                        bar.update(_nbytes(it.dtype, it.shape))
+                for w in writers:
+                    w.close()
+            for root in roots:
+                write_index(root / part, {n: [i.name[len(part):] for i in its]
+                                          for n, its in zip(names, files.values())},
+                            sum(_nbytes(i.dtype, i.shape) for its in files.values() for i in its))
+        hashes = hasher.hashes()
+        for a, root in zip(alphas, roots):
+            recipe = {"method": "modelmerge", "formula": "theta = theta_vlm + alpha * Sparsify_K(theta_llm - theta_vlm)",
+                      "alpha": a, "density": density, "sparsify": sparsify_method, "seed": seed, "layout": v.layout,
+                      "vlm": {"path": str(v.path.absolute()), "sha256": hashes[str(v.path)]},
+                      "base_llm": {"path": str(b.path.absolute()), "sha256": hashes[str(b.path)]},
+                      **stats, "seconds": round(time.time() - t0, 2)}
+            (root / "vlm_preserve_merge.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    if bar:
+        bar.close()
+    out = Path(out).absolute()
+    return [out / s if s else out for s in subdirs]
+
+
+def _copy_tree_except_weights(v: Checkpoint, root: Path, copied_parts) -> None:
+    copy_side_files(v.path, root, keep=lambda p: p.name != "vlm_preserve_merge.json")
+    for part in v.parts:
+        if part in copied_parts:
+            shutil.copytree(v.path / part, root / part)
+        elif part:
+            copy_side_files(v.path / part, root / part)
+    for sub in v.path.iterdir():  # NVILA folders without weights (e.g. a tokenizer folder)
+        if sub.is_dir() and not sub.name.startswith(".") and sub.name + "/" not in v.parts and v.layout == "nvila":
+            shutil.copytree(sub, root / sub.name)

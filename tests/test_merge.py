@@ -1,0 +1,200 @@
+"""`vlm-preserve merge` on tiny checkpoints of every layout written at test time: merged tensors equal the
+formula exactly, everything else is byte-identical, added-token rows are the VLM's, outputs are atomic, bad
+inputs fail naming the tensor, and the output loads with the VLM's own class."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint_helpers import ADDED, base_llm, build_vlm, llm_tensors, read_all, to_llm
+from vlm_preserve.cli import main
+
+LAYOUTS = ("native-new", "native-old", "llava", "llava-bin", "nvila")
+ALPHAS = (0.1, 0.5)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    base = base_llm(root / "base")
+    return root, base, {layout: build_vlm(layout, root / layout, base) for layout in LAYOUTS}
+
+
+def run_merge(vlm, base, out, *extra):
+    return main(["merge", "--vlm", str(vlm), "--base-llm", str(base), "--out", str(out), "--no-progress", *extra])
+
+
+def layout_of(name):
+    return "llava" if name == "llava-bin" else name
+
+
+def expected(method, vlm, llm, alpha, density):
+    tau = llm - vlm
+    if method == "magnitude":
+        k = round(density * tau.numel())
+        t = tau.abs().flatten().sort(descending=True).values[k - 1]
+        tau = tau * (tau.abs() >= t)
+    return vlm + tau * alpha
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("method,density", [("none", 1.0), ("magnitude", 0.3), ("dare", 0.5)])
+def test_merged_tensors_equal_the_formula(ckpts, tmp_path, layout, method, density):
+    root, base, vlms = ckpts
+    out = tmp_path / "out"
+    assert run_merge(vlms[layout], base, out, "--alpha", ",".join(map(str, ALPHAS)), "--sparsify", method,
+                     "--density", str(density), "--seed", "7") == 0
+    v, b = read_all(vlms[layout]), llm_tensors(base)
+    merged = {a: read_all(out / f"alpha-{a:g}") for a in ALPHAS}
+    n_merged = kept = total = 0
+    masks = {}
+    for alpha in ALPHAS:
+        m = merged[alpha]
+        assert set(m) == set(v)
+        for name, t in v.items():
+            llm = to_llm(layout_of(layout), name)
+            if llm is None:  # vision tower, projector: byte-identical
+                assert m[name].dtype == t.dtype and torch.equal(m[name].view(torch.uint8), t.view(torch.uint8)), name
+                continue
+            n_merged += 1
+            rows = b[llm].shape[0]
+            if t.shape[0] != rows:  # added-token rows keep the VLM's values
+                assert t.shape[0] == rows + ADDED and torch.equal(m[name][rows:], t[rows:]), name
+            got, vv = m[name][:rows], t[:rows]
+            if method == "dare":
+                # each entry is either dropped (the VLM's value) or kept and rescaled: vlm + alpha * tau / K
+                mask = got != vv
+                want = vv + ((b[llm] - vv) / density) * alpha
+                assert torch.equal(got[mask], want[mask]) and torch.equal(got[~mask], vv[~mask]), name
+                masks.setdefault(name, mask)
+                assert torch.equal(masks[name], mask), "the same mask for every alpha"
+                kept, total = kept + int(mask.sum()), total + mask.numel()
+            else:
+                assert torch.equal(got, expected(method, vv, b[llm], alpha, density)), name
+    assert n_merged > 0
+    if method == "dare":
+        assert abs(kept / total - density) < 0.02
+        again = tmp_path / "again"
+        run_merge(vlms[layout], base, again, "--alpha", "0.1", "--sparsify", "dare", "--density", "0.5", "--seed", "7")
+        other = tmp_path / "other"
+        run_merge(vlms[layout], base, other, "--alpha", "0.1", "--sparsify", "dare", "--density", "0.5", "--seed", "8")
+        first = merged[0.1]
+        assert all(torch.equal(first[k], x) for k, x in read_all(again).items()), "reproducible by seed"
+        assert any(not torch.equal(first[k], x) for k, x in read_all(other).items()), "another seed, another mask"
+
+
+def test_recipe_side_files_and_progress(ckpts, tmp_path):
+    root, base, vlms = ckpts
+    vlm, out = vlms["native-new"], tmp_path / "out"
+    p = subprocess.run([sys.executable, "-c", "from vlm_preserve.cli import entry; entry()", "merge", "--vlm", str(vlm),
+                        "--base-llm", str(base), "--alpha", "0.2", "--density", "0.5", "--sparsify", "magnitude",
+                        "--out", str(out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "merge: 100%" in p.stderr  # the progress bar reached the end
+    recipe = json.loads((out / "vlm_preserve_merge.json").read_text())
+    assert (recipe["alpha"], recipe["density"], recipe["sparsify"], recipe["layout"]) == (0.2, 0.5, "magnitude", "native-new")
+    for key, folder in (("vlm", vlm), ("base_llm", base)):
+        assert recipe[key]["path"] == str(folder)
+        assert recipe[key]["sha256"]["model.safetensors"] == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+        assert recipe[key]["sha256"]["config.json"]
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / f).read_bytes() == (vlm / f).read_bytes()
+    assert recipe["kept_vlm_rows"] == {"model.language_model.embed_tokens.weight": [len(llm_tensors(base)["model.embed_tokens.weight"]), len(llm_tensors(base)["model.embed_tokens.weight"]) + ADDED],
+                                       "lm_head.weight": [len(llm_tensors(base)["lm_head.weight"]), len(llm_tensors(base)["lm_head.weight"]) + ADDED]}
+
+
+def test_nvila_components_are_copied_as_files(ckpts, tmp_path):
+    root, base, vlms = ckpts
+    run_merge(vlms["nvila"], base, tmp_path / "out", "--alpha", "0.3")
+    for f in ("vision_tower/model.safetensors", "mm_projector/model.safetensors", "config.json", "llm/config.json",
+              "llm/tokenizer.json"):
+        assert (tmp_path / "out" / f).read_bytes() == (vlms["nvila"] / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("layout", ["native-new", "native-old"])
+def test_output_loads_with_the_vlm_class(ckpts, tmp_path, layout):
+    from transformers import LlavaForConditionalGeneration
+    if layout == "native-new" and not _new_layout_supported():
+        pytest.skip("this transformers predates the model.language_model layout (needs >= 4.52)")
+    root, base, vlms = ckpts
+    out = tmp_path / "out"
+    run_merge(vlms[layout], base, out, "--alpha", "0.4")
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    files = read_all(out)
+    emb = files["model.language_model.embed_tokens.weight" if layout == "native-new" else "language_model.model.embed_tokens.weight"]
+    assert torch.equal(model.get_input_embeddings().weight, emb)
+    head = files["lm_head.weight" if layout == "native-new" else "language_model.lm_head.weight"]
+    assert torch.equal(model.get_output_embeddings().weight, head)
+
+
+def _new_layout_supported():
+    import transformers
+    return tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 52)
+
+
+def test_interrupted_merge_leaves_no_output(ckpts, tmp_path):
+    """SIGKILL while the shards are being written: no output folder; the next merge to it succeeds."""
+    root, base, vlms = ckpts
+    out = tmp_path / "out"
+    slow = ("import sys, time\n"
+            "from vlm_preserve import checkpoints as c\n"
+            "orig = c.ShardWriter.write\n"
+            "def write(self, *a):\n"
+            "    orig(self, *a); self.file.flush(); print('WRITING', flush=True); time.sleep(0.5)\n"
+            "c.ShardWriter.write = write\n"
+            "from vlm_preserve.cli import main\n"
+            "main(sys.argv[1:])\n")
+    p = subprocess.Popen([sys.executable, "-c", slow, "merge", "--vlm", str(vlms["llava"]), "--base-llm", str(base),
+                          "--alpha", "0.1,0.2", "--out", str(out), "--no-progress"], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "WRITING"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not out.exists()
+    partial = list(tmp_path.glob(".out.partial-*"))
+    assert len(partial) == 1 and any(f.stat().st_size > 0 for f in partial[0].rglob("*.safetensors"))
+    assert run_merge(vlms["llava"], base, out, "--alpha", "0.1,0.2") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["alpha-0.1", "alpha-0.2"]
+    assert not list(tmp_path.glob(".out.partial-*")), "the stale partial output of the killed run is removed"
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(hidden_size=48), "tensor 'lm_head.weight': shape [{v}, 32] in the VLM but [{b}, 48] in --base-llm"),
+    (dict(num_hidden_layers=1), "tensor 'model.language_model.layers.1.input_layernorm.weight' of the VLM's language model has no counterpart 'model.layers.1.input_layernorm.weight'"),
+    (dict(num_hidden_layers=3), "--base-llm has 9 tensors the VLM's language model lacks, e.g. 'model.layers.2."),
+    (dict(intermediate_size=80), "tensor 'model.language_model.layers.0.mlp.down_proj.weight': shape [32, 64] in the VLM but [32, 80]"),
+])
+def test_mismatched_inputs_fail_naming_the_tensor(ckpts, tmp_path, capsys, change, message):
+    root, base, vlms = ckpts
+    other = base_llm(tmp_path / "other", **change)
+    v = llm_tensors(base)["model.embed_tokens.weight"].shape[0]
+    assert run_merge(vlms["native-new"], other, tmp_path / "out", "--alpha", "0.1") == 2
+    err = capsys.readouterr().err
+    assert message.format(v=v + ADDED, b=v) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--alpha", "0.1", "--density", "0"], "--density 0.0 is out of range: the kept fraction K must be in (0, 1]"),
+    (["--alpha", "0.1,0.1"], "--alpha 0.1,0.1 repeats a value"),
+])
+def test_bad_arguments(ckpts, tmp_path, capsys, args, message):
+    root, base, vlms = ckpts
+    assert run_merge(vlms["native-new"], base, tmp_path / "o", *args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_swapped_inputs_and_existing_output(ckpts, tmp_path, capsys):
+    root, base, vlms = ckpts
+    assert run_merge(base, vlms["native-new"], tmp_path / "o", "--alpha", "0.1") == 2
+    assert "looks like a VLM (native-new layout): pass the plain CausalLM checkpoint" in capsys.readouterr().err
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    assert run_merge(vlms["native-new"], base, existing, "--alpha", "0.1") == 2
+    assert "already exists: remove it or choose another folder" in capsys.readouterr().err
