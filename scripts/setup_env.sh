@@ -3,6 +3,7 @@
 #   bash scripts/setup_env.sh llava          -> .venv/llava : upstream LLaVA (transformers 4.36.2) + its tested set
 #   bash scripts/setup_env.sh transformers   -> .venv/transformers : current transformers 5.x + TRL
 #   bash scripts/setup_env.sh bunny          -> .venv/bunny : upstream Bunny from the checkout at $VLM_PRESERVE_BUNNY_SRC
+#   bash scripts/setup_env.sh nvila          -> .venv/nvila : upstream NVILA from the checkout at $VLM_PRESERVE_NVILA_SRC
 # Re-running is cheap: the install is skipped while the requirement files are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,12 @@ case "$name" in
     if [ ! -f "${VLM_PRESERVE_BUNNY_SRC:-}/bunny/train/train.py" ]; then
       echo "setup_env.sh: bunny needs VLM_PRESERVE_BUNNY_SRC=<checkout of BAAI-DCAI/Bunny @ 08273ac>" >&2; exit 2
     fi ;;
-  *) echo "setup_env.sh: unknown environment '$name' (known: llava, transformers, bunny)" >&2; exit 2 ;;
+  nvila)
+    reqs=(third_party/nvila/requirements.txt)
+    if [ ! -f "${VLM_PRESERVE_NVILA_SRC:-}/llava/train/train_mem.py" ]; then
+      echo "setup_env.sh: nvila needs VLM_PRESERVE_NVILA_SRC=<checkout of NVlabs/VILA @ b760c34>" >&2; exit 2
+    fi ;;
+  *) echo "setup_env.sh: unknown environment '$name' (known: llava, transformers, bunny, nvila)" >&2; exit 2 ;;
 esac
 
 stamp="$venv/.installed"
@@ -46,6 +52,9 @@ case "$name" in
     "${pip[@]}" install --no-deps timm==1.0.15
     "${pip[@]}" install --no-build-isolation deepspeed==0.19.8
     # the checkout itself is put on PYTHONPATH by the caller (test.sh), never copied into this repo
+    ;;
+  nvila)
+    "${pip[@]}" install --no-deps ps3-torch==0.1.3   # imported by llava.train.train; its own pins clash
     ;;
 esac
 echo "$want" > "$stamp"

@@ -237,3 +237,64 @@ def write_diagnose_samples(root: str | os.PathLike, *, n: int = 8, seed: int = 0
     data = root / "samples.json"
     data.write_text(json.dumps(records, indent=1))
     return data
+
+
+_CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+           "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def build_tiny_nvila(root: str | os.PathLike, *, seed: int = 0, hidden_size: int = 64, layers: int = 4,
+                     n_image_samples: int = 12, n_text_samples: int = 4) -> TinyLlavaFixture:
+    """The NVILA counterpart: a tiny Qwen2 LLM with a ChatML byte-level BPE tokenizer (no BOS, like Qwen2), a tiny
+    SigLIP tower (56 px, 14 px patches: 16 patches, 4 LLM tokens after mlp_downsample), LLaVA-format data and
+    `datasets.yaml`, the registry NVILA's `--data_mixture tiny` reads through VILA_DATASETS."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor,
+                              SiglipVisionConfig, SiglipVisionModel)
+
+    root = Path(root)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    fx = TinyLlavaFixture(root, root / "llm", root / "siglip_vision", root / "data.json", root / "images")
+    for p in (fx.llm, fx.vision, fx.images):
+        p.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([_sentence(rng, 12) for _ in range(400)] + ["system user assistant"] * 50,
+                            trainers.BpeTrainer(vocab_size=600, special_tokens=[_EOT, "<|im_start|>", "<|im_end|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token=_EOT)
+    fast.chat_template = _CHATML
+    fast.save_pretrained(fx.llm)
+    cfg = Qwen2Config(vocab_size=len(fast) + 8, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=fast.eos_token_id)
+    Qwen2ForCausalLM(cfg).save_pretrained(fx.llm, safe_serialization=True)
+    vcfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=56, patch_size=14)
+    SiglipVisionModel(vcfg).save_pretrained(fx.vision, safe_serialization=True)
+    SiglipImageProcessor(size={"height": 56, "width": 56}).save_pretrained(fx.vision)
+    fx.data.write_text(json.dumps(_records(fx.images, rng, n_image_samples, n_text_samples), indent=1))
+    fx.registry = root / "datasets.yaml"
+    fx.registry.write_text(f"tiny:\n    _target_: llava.data.LLaVADataset\n    data_path: {fx.data}\n"
+                           f"    media_dir: {fx.images}\n")
+    return fx
+
+
+def nvila_train_args(fx: TinyLlavaFixture, output_dir, **overrides) -> list[str]:
+    """NVILA `train_mem.py` flags for a short CPU run on a `build_tiny_nvila` fixture (run with
+    VILA_DATASETS=fx.registry in the environment)."""
+    args = {
+        "model_name_or_path": str(fx.llm), "vision_tower": str(fx.vision), "mm_projector": "mlp_downsample",
+        "mm_vision_select_feature": "cls_patch", "mm_vision_select_layer": "-2", "data_mixture": "tiny",
+        "chat_template": "qwen2", "tune_vision_tower": "False", "tune_mm_projector": "True",
+        "tune_language_model": "True", "image_aspect_ratio": "resize", "output_dir": str(output_dir),
+        "max_steps": "3", "per_device_train_batch_size": "4", "gradient_accumulation_steps": "1",
+        "learning_rate": "1e-3", "weight_decay": "0.", "lr_scheduler_type": "constant", "logging_steps": "1",
+        "save_strategy": "no", "model_max_length": "256", "gradient_checkpointing": "False",
+        "dataloader_num_workers": "0", "report_to": "none", "seed": "0", "disable_tqdm": "True",
+    }
+    args.update({k: str(v) for k, v in overrides.items()})
+    return [w for k, v in args.items() for w in (f"--{k}", v)]

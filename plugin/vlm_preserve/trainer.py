@@ -56,9 +56,11 @@ class PreservingMixin:
         # accumulated batch), the per-micro-batch terms are divided here, so a term weighs the same either way.
         scaled, lm_scale = self._vp_ga_scaled(num_items_in_batch)
         if scaled:
-            ga = self.current_gradient_accumulation_steps
+            ga = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+            # a trainer whose training_step also multiplies by the world size (NVILA's) gets terms divided by it
+            world = lm_scale if getattr(self, "loss_is_scaled_for_world", False) else 1.0
             # soft_label replaced the LM loss with a per-micro-batch mean: then the whole loss is divided
-            loss = loss / ga if self.preserver.replaces_lm_loss else lm_loss + (loss - lm_loss) / ga
+            loss = loss / (ga * world) if self.preserver.replaces_lm_loss else lm_loss + (loss - lm_loss) / (ga * world)
             logs["lm_loss"] = logs["lm_loss"] * ga / lm_scale
         self._accumulate(logs)
         if self._vp.forward_kwargs() and return_outputs:  # evaluation would otherwise collect every layer as "logits"
@@ -74,7 +76,8 @@ class PreservingMixin:
             (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
             or getattr(self, "compute_loss_func", None) is not None)
         mult = 1.0
-        if getattr(self.args, "average_tokens_across_devices", False) and num_items_in_batch is not None:
+        if num_items_in_batch is not None and (getattr(self.args, "average_tokens_across_devices", False)
+                                               or getattr(self, "loss_is_scaled_for_world", False)):
             mult = float(self.accelerator.num_processes)
         return bool(scaled), mult
 

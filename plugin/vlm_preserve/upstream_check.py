@@ -99,7 +99,14 @@ def _tiny_run_launcher(upstream: str) -> str | None:
 
     from . import fixtures
     with tempfile.TemporaryDirectory() as tmp:
-        if upstream == "bunny":
+        if upstream == "nvila":
+            from .cli.nvila_train import main as train
+            fx = fixtures.build_tiny_nvila(Path(tmp) / "fx", n_image_samples=4, n_text_samples=2)
+            import llava.data.builder as registry  # read VILA_DATASETS at import, already done: add ours
+            registry.DATASETS.update(registry.register_datasets(str(fx.registry)))
+            args = fixtures.nvila_train_args(fx, Path(tmp) / "run", max_steps=1, per_device_train_batch_size=6)
+            args += ["--cpu_compat", str(not torch.cuda.is_available())]
+        elif upstream == "bunny":
             from .cli.bunny_train import main as train
             fx = fixtures.build_tiny_bunny(Path(tmp) / "fx", "phi-2", n_image_samples=4, n_text_samples=2)
             args = fixtures.bunny_train_args(fx, Path(tmp) / "run", max_steps=1, per_device_train_batch_size=6)

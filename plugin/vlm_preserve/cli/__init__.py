@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
 
     c = sub.add_parser("check-upstream", help="Verify the upstream symbols the plugin touches, then run one tiny "
                                               "patched forward+backward.")
-    c.add_argument("upstream", choices=["llava", "bunny", "transformers"])
+    c.add_argument("upstream", choices=["llava", "bunny", "nvila", "transformers"])
     c.add_argument("--source", help="Check this upstream source tree (a checkout) instead of the installed package.")
     c.add_argument("--skip-run", action="store_true", help="Only check symbols and signatures.")
 

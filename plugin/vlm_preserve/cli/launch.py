@@ -1,4 +1,4 @@
-"""Run an upstream's own `train()` with the plugin's flags added: shared by `llava-train` and `bunny-train`.
+"""Run an upstream's own `train()` with the plugin's flags added: shared by `llava-train`, `bunny-train`, `nvila-train`.
 
 Our flags are parsed (and validated, before any model loads) with the same HfArgumentParser dialect the
 upstreams use; the rest of the command line goes to upstream `train()` untouched. With
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -24,6 +25,11 @@ class UpstreamSpec:
     identify: Callable[[object], Optional[str]]  # given train_module: None if right, else what was found
     data_module: str = ""        # module defining LazySupervisedDataset / DataCollatorForSupervisedDataset
     passes_attn_implementation: bool = False
+    adapter: str = "llava"       # module under vlm_preserve.adapters
+    head_filters: tuple = ("get_peft_state_maybe_zero_3", "get_peft_state_non_lora_maybe_zero_3")  # in train_module,
+    # or "module:function": export helpers whose state dicts must not carry the training-only heads
+    extra_arguments: Optional[type] = None  # a dataclass of launcher flags of this command
+    start: Optional[Callable] = None  # start(upstream, extra_args, patches): runs training (default upstream.train())
 
 
 @dataclass
@@ -37,6 +43,7 @@ def _parser(spec: UpstreamSpec):
 
     from ..regularizers import CONFIG_CLASSES
     extra = (LaunchArguments,) if spec.passes_attn_implementation else ()
+    extra += (spec.extra_arguments,) if spec.extra_arguments else ()
     return HfArgumentParser(CONFIG_CLASSES + extra, allow_abbrev=False, prog=spec.command,
                             description=f"Upstream {spec.package} train() with vlm-preserve regularizers. "
                                         "Every flag not listed here goes to upstream unchanged.")
@@ -63,12 +70,15 @@ def preflight(spec: UpstreamSpec, upstream, configs: dict, names: list[str], ups
     if model_args.vision_tower is None:
         _fail(spec, f"--regularizer {','.join(names)} needs a vision tower (--vision_tower); without one upstream "
                     "trains a plain language model and there is nothing to regularize.")
-    if "attention_tuning" in names and (training_args.lora_enable or model_args.tune_mm_mlp_adapter):
+    if "attention_tuning" in names and (training_args.lora_enable or getattr(model_args, "tune_mm_mlp_adapter", False)):
         _fail(spec, "--regularizer attention_tuning is an alternative to --lora_enable / --tune_mm_mlp_adapter "
                     "(it decides itself which LLM weights train); drop one of them.")
     if "pre" in names or "distill" in names:
         importlib.import_module(spec.model_registry)
         cfg = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path)
+        llm_dir = os.path.join(model_args.model_name_or_path, "llm")
+        if not hasattr(cfg, "num_hidden_layers") and os.path.isdir(llm_dir):  # NVILA's layout: the LLM under llm/
+            cfg = transformers.AutoConfig.from_pretrained(llm_dir)
     if "pre" in names:
         configs[PReConfig].layer_index(cfg.num_hidden_layers)
     if "distill" in names:
@@ -97,12 +107,17 @@ def run(spec: UpstreamSpec, argv: list[str] | None = None) -> None:
               f"{spec.package}: python -m {spec.train_module} --help")
         return
     *cfgs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    extra = cfgs.pop() if spec.extra_arguments else None
     launch = cfgs.pop() if spec.passes_attn_implementation else None
     configs = {type(c): c for c in cfgs}
     try:
         names = validate(configs, given_flags(argv, [f.name for c in CONFIG_CLASSES for f in dataclasses.fields(c)]))
     except ConfigError as e:
         _fail(spec, str(e))
+    if "distill" in names and not spec.data_module:
+        _fail(spec, f"--regularizer distill is not supported by {spec.command} yet: the teacher does not follow "
+                    f"{spec.package}'s packed sequences. Use rdd and/or pre here (distill runs with llava-train, "
+                    "bunny-train and the Python API).")
     try:
         upstream = importlib.import_module(spec.train_module)
     except ImportError as e:
@@ -118,21 +133,26 @@ def run(spec: UpstreamSpec, argv: list[str] | None = None) -> None:
     from ..patching import Patches
     with Patches() as patches:
         if names:
-            from ..adapters import llava as adapter
+            adapter = importlib.import_module(f"..adapters.{spec.adapter}", __package__)
             from ..attachment import without_heads
             from ..trainer import preserving_trainer_class
             patches.setattr(upstream, spec.trainer, preserving_trainer_class(getattr(upstream, spec.trainer), configs, adapter))
-            for fn in ("get_peft_state_maybe_zero_3", "get_peft_state_non_lora_maybe_zero_3"):
-                original = getattr(upstream, fn)
-                patches.setattr(upstream, fn, lambda *a, _f=original, **k: without_heads(_f(*a, **k)))
-            adapter.allow_numpy_rng_state(patches)
+            for target in spec.head_filters:
+                module, _, fn = target.rpartition(":")
+                owner = importlib.import_module(module) if module else upstream
+                original = getattr(owner, fn)
+                patches.setattr(owner, fn, lambda *a, _f=original, **k: without_heads(_f(*a, **k)))
+            from ..adapters.llava import allow_numpy_rng_state, install_route_field
+            allow_numpy_rng_state(patches)
             if "distill" in names:
-                adapter.install_route_field(patches, importlib.import_module(spec.data_module),
-                                            configs[DistillConfig].distill_route_field)
+                install_route_field(patches, importlib.import_module(spec.data_module),
+                                    configs[DistillConfig].distill_route_field)
         old_argv = sys.argv
         sys.argv = [old_argv[0] if old_argv else spec.command] + rest
         try:
-            if spec.passes_attn_implementation:
+            if spec.start:
+                spec.start(upstream, extra, patches)
+            elif spec.passes_attn_implementation:
                 upstream.train(attn_implementation=launch.attn_implementation)
             else:
                 upstream.train()

@@ -1,0 +1,7 @@
+from flash_attn._unavailable import unavailable
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return unavailable(name)
