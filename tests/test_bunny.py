@@ -21,6 +21,7 @@ except Exception as e:  # noqa: BLE001 - any import failure means: no usable che
 from safetensors.torch import load_file  # noqa: E402
 
 from vlm_preserve.fixtures import bunny_train_args, build_tiny_bunny  # noqa: E402
+from conftest import step_rows as rows  # noqa: E402
 
 MODEL_TYPES = ["phi-2", "qwen1.5-1.8b"]
 
@@ -39,10 +40,6 @@ def run(kind, args, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"{kind} run failed:\n{p.stderr[-4000:]}")
     return p
-
-
-def rows(out):
-    return [r for r in json.loads((Path(out) / "trainer_state.json").read_text())["log_history"] if "loss" in r]
 
 
 def weights(path):

@@ -24,6 +24,7 @@ except Exception as e:  # noqa: BLE001 - any import failure means: no usable che
 from safetensors.torch import load_file  # noqa: E402
 
 from vlm_preserve.fixtures import build_tiny_nvila, nvila_train_args  # noqa: E402
+from conftest import step_rows as rows  # noqa: E402
 
 UPSTREAM = ("from vlm_preserve.cli.nvila_train import cpu_compat; from vlm_preserve.patching import Patches; "
             "import runpy; cpu_compat(Patches()); "
@@ -45,10 +46,6 @@ def run(fx, kind, args, prelude=""):
     if p.returncode != 0:
         raise AssertionError(f"{kind} run failed:\n{p.stderr[-4000:]}")
     return p
-
-
-def rows(out):
-    return [r for r in json.loads((Path(out) / "trainer_state.json").read_text())["log_history"] if "loss" in r]
 
 
 def weights(path):
