@@ -23,9 +23,6 @@ import transformers
 from vlm_preserve import DistillConfig, attach
 from vlm_preserve.regularizers import pre
 
-# Small chunks, so ranks with different visual-token counts (32 and 16 at step 1) run the PRe head a different
-# number of times per forward unless the plugin prevents it (ZeRO-3 gathers the head's weights on each call).
-pre.PRE_CHUNK = 8
 
 REGS = ("rdd", "pre", "distill", "rdd,pre,distill")
 
@@ -86,6 +83,9 @@ def main(argv):
     p.add_argument("--stage", type=int, default=0, help="DeepSpeed ZeRO stage; 0: the single-process reference")
     p.add_argument("--regs", default=",".join(r.replace(",", "+") for r in REGS))
     a = p.parse_args(argv)
+    # Small chunks, so ranks with different visual-token counts (32 and 16 at step 1) run the PRe head a different
+    # number of times per forward unless the plugin prevents it (ZeRO-3 gathers the head's weights on each call).
+    pre.PRE_CHUNK = 8
     data = torch.load(a.data, weights_only=False)
     rank = int(os.environ.get("RANK", 0))
     for reg in a.regs.split(","):

@@ -183,7 +183,12 @@ def llm_name(layout: str, name: str) -> str | None:
             return "model." + name[len("model.language_model."):]
         return name if name.startswith("lm_head.") else None
     if layout == "native-old":
-        return name[len("language_model."):] if name.startswith("language_model.") else None
+        if not name.startswith("language_model."):
+            return None
+        # transformers 5.23 saves a ZeRO-3 gathered state dict as `language_model.model.model.*` (from_pretrained
+        # reads it back); a CausalLM never has `model.model.*`
+        name = name[len("language_model."):]
+        return "model." + name[len("model.model."):] if name.startswith("model.model.") else name
     if layout == "nvila":
         return name[len("llm/"):] if name.startswith("llm/") else None
     raise ValueError(layout)
