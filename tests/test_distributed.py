@@ -15,11 +15,8 @@ A text-only batch on one rank is not tested here: transformers-native VLMs skip 
 breaks ZeRO-2/3 without the plugin too (docs/scale-out.md).
 """
 import json
-import os
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,33 +28,13 @@ pytest.importorskip("deepspeed")
 
 from safetensors.torch import load_file  # noqa: E402
 
+from distributed_helpers import ROOT, launch  # noqa: E402
 from distributed_worker import REGS  # noqa: E402
 from native_helpers import build, make_batch  # noqa: E402
 from test_distill import teacher_of  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 REL = 1e-5
-LAUNCH_TIMEOUT = 420  # s; a run takes ~40 s on 2 loaded cores, plus ~80 s once to compile DeepSpeed's CPU ops
 FULL = REGS[-1].replace(",", "+")
-
-
-def _env() -> dict:
-    python_dir = Path(sys.executable).parent.parent
-    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore",
-                TOKENIZERS_PARALLELISM="false",
-                # compiled once per environment, not per run (DeepSpeed's shm comm op takes ~80 s of g++)
-                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(python_dir / "torch_extensions")),
-                PYTHONPATH=os.pathsep.join([str(ROOT / "plugin"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-
-
-def _run(cmd: list, what: str, timeout: int = LAUNCH_TIMEOUT) -> None:
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        tail = (e.stdout or b"")[-3000:]
-        raise AssertionError(f"{what} did not finish in {timeout} s (a hang: ranks ran different collectives?)\n"
-                             f"{tail.decode() if isinstance(tail, bytes) else tail}") from None
-    assert p.returncode == 0, f"{what} failed ({p.returncode}):\n{(p.stdout + p.stderr)[-6000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +47,9 @@ def runs(tmp_path_factory):
                make_batch(model, "llava", seed=2), make_batch(model, "llava", seed=3)]
     torch.save({"model": str(d / "model"), "teacher": str(d / "teacher"), "batches": batches}, d / "data.pt")
     worker = [str(ROOT / "tests" / "distributed_worker.py"), "--data", str(d / "data.pt")]
-    _run([sys.executable, *worker, "--out", str(d / "ref")], "single-process reference")
+    launch([sys.executable, *worker, "--out", str(d / "ref")], "single-process reference")
     for stage in (3, 2):
-        _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *worker,
+        launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *worker,
               "--out", str(d / f"zero{stage}"), "--stage", str(stage)], f"ZeRO-{stage} on 2 processes")
     return d
 
@@ -119,7 +96,7 @@ def test_final_models_have_no_heads_and_equal_the_reference(runs, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(runs / "zero3" / FULL / "checkpoint-2", ckpt)
     # the documented command: DeepSpeed's script, output into the checkpoint folder (next to config.json)
-    _run([sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(ckpt), "--safe_serialization"],
+    launch([sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(ckpt), "--safe_serialization"],
          "zero_to_fp32", timeout=300)
     fp32 = load_file(ckpt / "model.safetensors")
     # DeepSpeed writes every parameter it trained, the head included; the offline tools drop it (below)
