@@ -41,6 +41,10 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install "$(grep -E '^torch==' "${reqs[0]}")"
 "${pip[@]}" install -r "${reqs[@]}" pytest
 case "$name" in
+  transformers)
+    # The multi-process tests (tests/test_distributed.py) run DeepSpeed ZeRO-2/3 on CPU over gloo here.
+    "${pip[@]}" install --no-build-isolation deepspeed==0.19.8
+    ;;
   llava)
     # The wheel's own pins (torch 2.0.1, peft 0.4.0, ...) do not install here; the tested set above replaces them.
     "${pip[@]}" install --no-deps llava-torch==1.2.2.post1

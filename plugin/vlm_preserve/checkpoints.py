@@ -30,6 +30,10 @@ DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat1
 # Upstream LLaVA/Bunny keep their multimodal modules under the LLM's own `model.` prefix.
 LLAVA_NON_LLM = ("model.mm_projector.", "model.vision_tower.", "model.vision_resampler.", "model.image_newline")
 LAYOUTS = ("llava", "native-new", "native-old", "nvila", "causal-lm")
+# What a Trainer checkpoint folder holds besides the model (a `zero_to_fp32` output is often written there):
+# the plugin's training-only heads and the trainer's own state. Never model weights.
+TRAINING_ONLY_PREFIX = "vlm_preserve_heads."  # regularizers.HEADS_PREFIX: zero_to_fp32 writes the heads too
+NON_MODEL_FILES = ("vlm_preserve_heads.safetensors", "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
 # Embedding-shaped tensors whose extra VLM rows are tokens the VLM added (`<image>`, ...).
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "embed_out.weight", "wte.weight")
 
@@ -52,7 +56,8 @@ class _Folder:
         for index in INDEXES:
             if (self.folder / index).is_file():
                 return json.loads((self.folder / index).read_text())["weight_map"]
-        found = sorted(p.name for p in self.folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+        found = sorted(p.name for p in self.folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()
+                       and p.name not in NON_MODEL_FILES and not p.name.startswith("rng_state"))
         if not found:
             raise ConfigError(f"{self.folder}: no weights found (expected model.safetensors, sharded safetensors "
                               f"with model.safetensors.index.json, or pytorch_model.bin). Pass a checkpoint folder.")
@@ -62,6 +67,11 @@ class _Folder:
             for name in self._open(f).keys():
                 out[name] = f
         return out
+
+    def model_files(self) -> dict[str, str]:
+        """The weight map without the plugin's training-only heads (present in `zero_to_fp32` output: DeepSpeed
+        saves every parameter of the module it trained, and the heads were one of its submodules)."""
+        return {n: f for n, f in self.files.items() if not n.startswith(TRAINING_ONLY_PREFIX)}
 
     def _open(self, file: str):
         if file not in self._handles:
@@ -128,8 +138,8 @@ class Checkpoint:
             self.layout = "nvila"
         else:
             self.parts = {"": _Folder(self.path)}
-            self.layout = detect_layout(self.parts[""].files)
-        self.names = [prefix + n for prefix, f in self.parts.items() for n in f.files]
+            self.layout = detect_layout(self.parts[""].model_files())
+        self.names = [prefix + n for prefix, f in self.parts.items() for n in f.model_files()]
 
     def _split(self, name: str) -> tuple[_Folder, str]:
         prefix = name.split("/", 1)[0] + "/" if "/" in name else ""
@@ -173,7 +183,12 @@ def llm_name(layout: str, name: str) -> str | None:
             return "model." + name[len("model.language_model."):]
         return name if name.startswith("lm_head.") else None
     if layout == "native-old":
-        return name[len("language_model."):] if name.startswith("language_model.") else None
+        if not name.startswith("language_model."):
+            return None
+        # transformers 5.23 saves a ZeRO-3 gathered state dict as `language_model.model.model.*` (from_pretrained
+        # reads it back); a CausalLM never has `model.model.*`
+        name = name[len("language_model."):]
+        return "model." + name[len("model.model."):] if name.startswith("model.model.") else name
     if layout == "nvila":
         return name[len("llm/"):] if name.startswith("llm/") else None
     raise ValueError(layout)

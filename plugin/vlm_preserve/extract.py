@@ -34,6 +34,10 @@ def causal_lm_class(model_type: str) -> str:
 
 
 def llm_config(v: Checkpoint, has_lm_head: bool) -> dict:
+    if not (v.path / "config.json").is_file():
+        raise ConfigError(f"{v.path} has no config.json. DeepSpeed's zero_to_fp32.py writes weights only: write its "
+                          "output into the checkpoint folder itself (python CKPT/zero_to_fp32.py CKPT CKPT "
+                          "--safe_serialization), or copy config.json and the tokenizer files next to it.")
     cfg = json.loads((v.path / "config.json").read_text())
     if v.layout in ("native-new", "native-old"):
         text = dict(cfg["text_config"])

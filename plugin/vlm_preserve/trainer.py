@@ -54,32 +54,30 @@ class PreservingMixin:
         loss, logs = self._vp.total_loss(lm_loss, step_seed=self._step_seed(), route=route)
         # Where the trainer does not divide by gradient accumulation (its loss is already normalised over the
         # accumulated batch), the per-micro-batch terms are divided here, so a term weighs the same either way.
-        scaled, lm_scale = self._vp_ga_scaled(num_items_in_batch)
-        if scaled:
+        if self._vp_ga_scaled(num_items_in_batch):
             ga = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
-            # a trainer whose training_step also multiplies by the world size (NVILA's) gets terms divided by it
-            world = lm_scale if getattr(self, "loss_is_scaled_for_world", False) else 1.0
+            # a trainer whose training_step also multiplies the loss by the world size (NVILA's) has the terms
+            # divided by it too, so they weigh what they weigh under a stock Trainer
+            div = ga * (self.args.world_size if getattr(self, "loss_is_scaled_for_world", False) else 1)
             # soft_label replaced the LM loss with a per-micro-batch mean: then the whole loss is divided
-            loss = loss / (ga * world) if self.preserver.replaces_lm_loss else lm_loss + (loss - lm_loss) / (ga * world)
-            logs["lm_loss"] = logs["lm_loss"] * ga / lm_scale
+            loss = loss / div if self.preserver.replaces_lm_loss else lm_loss + (loss - lm_loss) / div
+            # The LM loss is normalised by the tokens of the whole accumulated batch (all ranks, times the world
+            # size under average_tokens_across_devices); x GA makes it a per-micro-batch value, and `log`'s mean
+            # over micro-batches and ranks then gives the LM loss of the global batch, as the trainer's `loss`.
+            logs["lm_loss"] = logs["lm_loss"] * ga
         self._accumulate(logs)
         if self._vp.forward_kwargs() and return_outputs:  # evaluation would otherwise collect every layer as "logits"
             outputs = type(outputs)(**{k: v for k, v in outputs.items() if k != "hidden_states"})
         return (loss, outputs) if return_outputs else loss
 
-    def _vp_ga_scaled(self, num_items_in_batch) -> tuple[bool, float]:
-        """(does the trainer skip its division by gradient-accumulation steps?, its multiplier on the LM loss)."""
+    def _vp_ga_scaled(self, num_items_in_batch) -> bool:
+        """Does the trainer skip its division by gradient-accumulation steps?"""
         if num_items_in_batch is None and getattr(self, "compute_loss_func", None) is None:
-            return False, 1.0
+            return False
         flag = getattr(self, "loss_is_scaled_for_ga", None)
-        scaled = flag if flag is not None else (
+        return bool(flag if flag is not None else (
             (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
-            or getattr(self, "compute_loss_func", None) is not None)
-        mult = 1.0
-        if num_items_in_batch is not None and (getattr(self.args, "average_tokens_across_devices", False)
-                                               or getattr(self, "loss_is_scaled_for_world", False)):
-            mult = float(self.accelerator.num_processes)
-        return bool(scaled), mult
+            or getattr(self, "compute_loss_func", None) is not None))
 
     def _step_seed(self) -> int:
         step, micro = self._vp_micro

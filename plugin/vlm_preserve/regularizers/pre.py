@@ -74,8 +74,13 @@ def _cos_sum(head: nn.Module, h: torch.Tensor, anchor: torch.Tensor) -> torch.Te
     return F.cosine_similarity(pred.float(), anchor.float(), dim=-1, eps=1e-6).sum()
 
 
-def head_pre_loss(head: nn.Module, h: torch.Tensor, anchor: torch.Tensor, chunk: int = PRE_CHUNK) -> torch.Tensor:
+def head_pre_loss(head: nn.Module, h: torch.Tensor, anchor: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """pre_loss(head(h), anchor), computed chunk by chunk with activation checkpointing (same value)."""
+    chunk = chunk or PRE_CHUNK
+    if any(hasattr(p, "ds_id") for p in head.parameters()):
+        # DeepSpeed ZeRO-3 gathers the head's weights on every call (forward, recompute, backward): the number of
+        # calls must be the same on every rank, whatever its visual-token count, or the collectives mismatch.
+        chunk = max(h.shape[0], 1)
     anchor = anchor.detach()
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk):

@@ -1,0 +1,106 @@
+"""One process of the multi-process runs in test_distributed.py (launched by torchrun, 2 ranks over gloo on CPU),
+or, with --reference, the single-process run they are compared with.
+
+Every run: a tiny LlavaForConditionalGeneration loaded with from_pretrained *after* TrainingArguments exist (so
+under ZeRO-3 it is built partitioned, as upstream scripts build it), the regularizers attached with `attach`, two
+optimizer steps over four pre-built batches in order. Distributed: per-device batch 1 on 2 ranks (rank r gets
+batch 2s+r at step s). Reference: one process, gradient accumulation 2 over the same batches in the same order:
+the same global batch, so every logged value must agree. Step 1 gives rank 0 a mixed batch (two images and a
+text-only sample, which distill routes to the teacher) and rank 1 an image-only one (one image, nothing routed:
+the teacher does not run there); a hang here times the launcher out.
+
+For `rdd,pre,distill` the run also saves a checkpoint at each step and resumes a fresh trainer from checkpoint-1.
+Results (log rows, resumed rows) go to OUT/<regularizers>/result.json from rank 0.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import transformers
+
+from vlm_preserve import DistillConfig, attach
+from vlm_preserve.regularizers import pre
+
+
+REGS = ("rdd", "pre", "distill", "rdd,pre,distill")
+
+
+def ds_config(stage: int) -> dict:
+    zero = {"stage": stage}
+    if stage == 3:
+        # 0: every parameter is partitioned and gathered per forward, as a 7B model's are. The default (1e5 elements)
+        # would keep all of this tiny model resident, and a collective mismatch could not show.
+        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
+    return {"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": False}}
+
+
+class InOrder(transformers.Trainer):
+    """Batches in dataset order, so the distributed and single-process runs see the same global batches."""
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+
+
+class Items(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def run(reg: str, out: str, data: dict, stage: int | None, save: bool, resume: str | None = None):
+    if stage:
+        # On GPUs accelerate starts DeepSpeed's communication backend when TrainingArguments set up the devices;
+        # with use_cpu it does not, and zero.Init (in from_pretrained) would then count a world size of 1.
+        import deepspeed
+        deepspeed.init_distributed(dist_backend="gloo")
+    args = transformers.TrainingArguments(
+        output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=1 if stage else 2, max_steps=2,
+        logging_steps=1, learning_rate=1e-3, save_strategy="steps" if save else "no", save_steps=1, report_to="none",
+        use_cpu=True, seed=0, remove_unused_columns=False, disable_tqdm=True,
+        deepspeed=ds_config(stage) if stage else None)
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(data["model"], dtype=torch.float32)
+    trainer = InOrder(model=model, args=args, train_dataset=Items(data["batches"]), data_collator=lambda xs: xs[0])
+    handle = attach(trainer, reg, distill=DistillConfig(distill_teacher=data["teacher"]) if "distill" in reg else None)
+    trainer.train(resume_from_checkpoint=resume)
+    rows = [r for r in trainer.state.log_history if "loss" in r]
+    if not resume and save:
+        trainer.save_model(os.path.join(out, "final"))  # ZeRO-3: gathered (stage3_gather_16bit_weights_on_model_save)
+    handle.detach()
+    return rows
+
+
+def main(argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--stage", type=int, default=0, help="DeepSpeed ZeRO stage; 0: the single-process reference")
+    p.add_argument("--regs", default=",".join(r.replace(",", "+") for r in REGS))
+    a = p.parse_args(argv)
+    # Small chunks, so ranks with different visual-token counts (32 and 16 at step 1) run the PRe head a different
+    # number of times per forward unless the plugin prevents it (ZeRO-3 gathers the head's weights on each call).
+    pre.PRE_CHUNK = 8
+    data = torch.load(a.data, weights_only=False)
+    rank = int(os.environ.get("RANK", 0))
+    for reg in a.regs.split(","):
+        reg = reg.replace("+", ",")
+        out = os.path.join(a.out, reg.replace(",", "+"))
+        full = reg == REGS[-1]
+        result = {"rows": run(reg, out, data, a.stage or None, save=full)}
+        if full and a.stage:
+            result["resumed"] = run(reg, out + "-resumed", data, a.stage, save=False,
+                                    resume=os.path.join(out, "checkpoint-1"))
+        if rank == 0:
+            with open(os.path.join(out, "result.json"), "w") as f:
+                json.dump(result, f)
+        print(f"[worker rank {rank}] {reg} done", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
