@@ -21,6 +21,6 @@ for env in "${envs[@]}"; do
     tests=(tests/test_nvila.py tests/test_losses.py)
   fi
   # pytest exits 5 when it collects nothing: with `set -e` that fails the run, as it must.
-  VLM_PRESERVE_TEST_ENV="$env" PYTHONPATH="$path" ".venv/$env/bin/python" -m pytest -p no:cacheprovider "${tests[@]}" "$@"
+  VLM_PRESERVE_TEST_ENV="$env" PYTHONPATH="$path" ".venv/$env/bin/python" -m pytest -p no:cacheprovider --durations=10 "${tests[@]}" "$@"
 done
 echo "[test] all environments passed: ${envs[*]}"
