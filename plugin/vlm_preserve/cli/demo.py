@@ -7,8 +7,8 @@ import time
 
 # Short enough for ~15 minutes on 2 CPU cores, installs included. The higher learning rate (1e-4, the probe's
 # upper setting) is what a short run needs to move the LLM at all; the full study uses 2e-5 for 1,000 steps.
-DEMO = dict(methods=("full", "rdd_rbf"), seeds=(0,), train_images=1000, test_images=150, vqa_test_questions=250,
-            stage1_steps=60, steps=120, lr=1e-4, batch=8, report_cap=50, ppl_texts=60, save_steps=10 ** 6)
+DEMO = dict(methods=("full", "rdd_rbf"), seeds=(0,), train_images=600, test_images=100, vqa_test_questions=150,
+            stage1_steps=50, steps=100, lr=1e-4, batch=8, report_cap=30, ppl_texts=40, save_steps=10 ** 6)
 
 
 def demo(out: str, data_dir: str = "", tiny: bool = False, **overrides) -> int:

@@ -125,6 +125,10 @@ def paired_bootstrap(a: list[float], b: list[float], stat: str = "diff", n: int 
     vals = []
     for _ in range(n):
         idx = [rng.randrange(m) for _ in range(m)]
-        vals.append(f(sum(a[i] for i in idx) / m, sum(b[i] for i in idx) / m))
+        v = f(sum(a[i] for i in idx) / m, sum(b[i] for i in idx) / m)
+        if v == v:  # a resample whose base mean is 0 has no ratio
+            vals.append(v)
     vals.sort()
-    return f(mean(a), mean(b)), vals[int(0.025 * n)], vals[min(n - 1, int(0.975 * n))]
+    if not vals:
+        return f(mean(a), mean(b)), float("nan"), float("nan")
+    return f(mean(a), mean(b)), vals[int(0.025 * len(vals))], vals[min(len(vals) - 1, int(0.975 * len(vals)))]

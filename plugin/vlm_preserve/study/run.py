@@ -90,6 +90,12 @@ class Study:
         for d in ("runs", "ckpt", "stage1", "models"):
             (self.out / d).mkdir(parents=True, exist_ok=True)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+            # On a CPU other processes already keep busy, torch's spinning OpenMP threads lose far more than they
+            # gain (measured here: a 60-token SmolLM2 forward took 3-7 s with 2 threads at load 6, 0.3-0.5 s with
+            # 1): use only the cores that are idle now (at least one). OMP_NUM_THREADS overrides.
+            idle = (os.cpu_count() or 1) - int(os.getloadavg()[0] + 0.5)
+            torch.set_num_threads(max(1, min(os.cpu_count() or 1, idle)))
         self._data = None
 
     # ---- parts -------------------------------------------------------------------------------------------
