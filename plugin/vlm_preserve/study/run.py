@@ -20,7 +20,6 @@ import torch
 from . import data as D
 from .evaluate import mc_eval, mean, perplexity, text_nll, vqa_eval
 from .format import Collator, sample
-from .model import IMAGE_TOKENS, ByteTokenizer, adapter, build_vlm, smollm2_dir, tiny_llm_config
 
 # method -> how its stage 2 differs from Full-Tuning. `regularizer`/configs go to attach(); `data`: "vqa" or
 # "mix" (text-only instructions replace `mix_fraction` of the samples: same total volume); merge rows are
@@ -64,7 +63,7 @@ class StudyConfig:
     ppl_texts: int = 300
     instruction_samples: int = 4000
     save_steps: int = 250
-    bf16: bool = True
+    bf16: bool = True                   # bf16 autocast where a GPU runs it (CPU: always fp32)
     tasks: dict = field(default_factory=lambda: {"report": D.REPORT_TASKS, "validation": D.VALIDATION_TASKS,
                                                  "instruction": D.INSTRUCTION_TASKS, "perplexity": D.PERPLEXITY_TASKS})
 
@@ -100,6 +99,7 @@ class Study:
 
     # ---- parts -------------------------------------------------------------------------------------------
     def tokenizer(self):
+        from .model import ByteTokenizer, smollm2_dir
         if self.cfg.tiny:
             return ByteTokenizer()
         from transformers import AutoTokenizer
@@ -107,6 +107,8 @@ class Study:
 
     def load_llm(self):
         from transformers import LlamaForCausalLM
+
+        from .model import smollm2_dir, tiny_llm_config
         if self.cfg.tiny:
             path = self.data_dir / "tiny-llama"
             if not (path / "config.json").exists():
@@ -142,6 +144,7 @@ class Study:
     def train_rows(self, kind: str, seed: int, image_token_id: int, total: int) -> list[dict]:
         """`total` samples (= steps × batch): easy-vqa questions, or with `mix` a share of text instructions.
         Text instructions list their options, the answer is the correct option."""
+        from .model import IMAGE_TOKENS
         d, rng = self.data(), random.Random(seed)
         n_text = round(total * self.cfg.mix_fraction) if kind == "mix" else 0
         vqa = [d["train"][rng.randrange(len(d["train"]))] for _ in range(total - n_text)]
@@ -162,12 +165,15 @@ class Study:
             learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 30), weight_decay=0.0,
             logging_steps=max(1, min(10, steps // 5)), save_steps=self.cfg.save_steps, save_total_limit=1,
             report_to=[], remove_unused_columns=False, seed=seed, data_seed=seed, dataloader_num_workers=0,
-            bf16=self.cfg.bf16 and not self.cfg.tiny, use_cpu=self.device == "cpu", disable_tqdm=False)
+            # bf16 autocast only on a GPU: on this project's CPUs (no native bf16) a SmolLM2 step took 140-220 s
+            # under bf16 autocast against 8-10 s in fp32
+            bf16=self.cfg.bf16 and self.device == "cuda", use_cpu=self.device == "cpu", disable_tqdm=False)
         return Trainer(model=model, args=args, train_dataset=rows,
                        data_collator=Collator(self.data()["train_f"], self.data()["tok"].pad_token_id))
 
     def stage1(self, seed: int) -> Path:
         """Projector pretraining (LLM frozen), once per seed."""
+        from .model import build_vlm
         path = self.out / "stage1" / f"projector_s{seed}.pt"
         if path.exists():
             return path
@@ -188,6 +194,7 @@ class Study:
         """Instruction tuning with `method`; returns (the trained VLM, Trainer log history, wall seconds)."""
         from .. import attach
         from ..regularizers import DistillConfig, RDDConfig
+        from .model import adapter, build_vlm
         spec, c = METHODS[method], self.cfg
         llm = self.load_llm()
         vlm = build_vlm(llm, self.image_token_id(llm), seed=seed)
@@ -289,6 +296,8 @@ class Study:
 
     def _load_full(self, seed: int):
         from safetensors.torch import load_model
+
+        from .model import build_vlm
         llm = self.load_llm()
         vlm = build_vlm(llm, self.image_token_id(llm), seed=seed)
         load_model(vlm, str(self.out / "models" / f"full_s{seed}.safetensors"))
