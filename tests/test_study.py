@@ -239,3 +239,25 @@ def test_bad_config_is_refused(tiny_study):
         tiny_study(methods=("merge",)).validate()
     with pytest.raises(ValueError, match="two roles"):
         tiny_study(tasks={**TASKS, "validation": ("r1",)}).validate()
+
+
+def test_study_command_runs_and_reports(tmp_path):
+    """`vlm-preserve study` end to end on the tiny model: flags parsed into StudyConfig, runs stored, --report
+    writes the markdown table and the plot."""
+    from vlm_preserve.cli import main
+    names = D.REPORT_TASKS + D.VALIDATION_TASKS + D.INSTRUCTION_TASKS + D.PERPLEXITY_TASKS
+    _planted_tarball(tmp_path / "bigbench-1.0.0.tar.gz", {n: _task(3) for n in names})
+    out = tmp_path / "out"
+    common = ["study", "--out", str(out), "--data-dir", str(tmp_path), "--tiny", "--methods", "full,rdd_linear",
+              "--seeds", "0", "--train-images", "4", "--test-images", "2", "--vqa-test-questions", "3",
+              "--stage1-steps", "1", "--steps", "1", "--batch", "2", "--report-cap", "1", "--ppl-texts", "2",
+              "--instruction-samples", "2", "--no-bf16"]
+    assert main(common) == 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["base.json", "full_s0.json", "rdd_linear_s0.json"]
+    rec = json.loads((out / "runs" / "full_s0.json").read_text())
+    assert rec["config"]["bf16"] is False and rec["config"]["steps"] == 1 and rec["summary"]["language_n"] == 8
+    assert main(common + ["--report", str(tmp_path / "table.md")]) == 0
+    md = (tmp_path / "table.md").read_text()
+    assert "| rdd_linear | 0 |" in md and (tmp_path / "table.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(["study", "--out", str(out), "--methods", "full,bogus", "--tiny"])

