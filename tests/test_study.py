@@ -1,0 +1,263 @@
+"""The study pipeline (plugin/vlm_preserve/study) on a tiny configuration: scorers on planted examples, data
+loading from a planted bigbench tarball and the real easy-vqa/EfficientNet packages, and every stage end to end
+(projector pretraining, methods through attach(), merge, evaluation, results store, resume, report)."""
+import io
+import json
+import math
+import tarfile
+
+import pytest
+
+pytest.importorskip("easy_vqa", reason="the study's data packages are installed in the transformers environment only")
+torch = pytest.importorskip("torch")
+
+from vlm_preserve.study import data as D  # noqa: E402
+from vlm_preserve.study.evaluate import (choice_outcome, continuation_logliks, mc_eval, paired_bootstrap,  # noqa: E402
+                                         perplexity, text_embeds, text_nll)
+from vlm_preserve.study.format import IGNORE, Collator, sample  # noqa: E402
+from vlm_preserve.study.model import ByteTokenizer, build_vlm, tiny_llm_config  # noqa: E402
+
+
+def _llm(seed=0):
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llm_config()).eval()
+
+
+def _q(task, n, answer):
+    return D.MCQuestion(task, f"question {task} {answer}", [f"choice {i}" for i in range(n)], answer)
+
+
+# ---- scorers -------------------------------------------------------------------------------------------------
+def test_always_correct_scores_one_and_indifferent_scores_chance():
+    qs = [_q("t", n, i % n) for i, n in enumerate([2, 3, 4, 5, 2, 4])]
+    right = mc_eval(None, None, qs, scorer=lambda q: [1.0 if k == q.answer else 0.0 for k in range(len(q.choices))])
+    assert [r["acc"] for r in right] == [1.0] * 6
+    flat = mc_eval(None, None, qs, scorer=lambda q: [0.0] * len(q.choices))
+    assert [r["acc"] for r in flat] == pytest.approx([1 / len(q.choices) for q in qs])
+    wrong = mc_eval(None, None, qs, scorer=lambda q: [0.0 if k == q.answer else 1.0 for k in range(len(q.choices))])
+    assert sum(r["acc"] for r in wrong) == 0
+    assert choice_outcome([1.0, 3.0, 3.0], 1) == 0.5 and choice_outcome([1.0, 3.0, 3.0], 0) == 0.0
+
+
+def test_paired_bootstrap():
+    a = [1, 0, 1, 1, 0, 1, 1, 0] * 10
+    b = [1, 0, 0, 1, 0, 1, 0, 0] * 10
+    point, lo, hi = paired_bootstrap(a, b, "diff")
+    assert point == pytest.approx(0.25) and lo <= point <= hi and lo > 0
+    assert paired_bootstrap(a, a, "diff") == (0.0, 0.0, 0.0)        # paired: identical models, no spread
+    r, rlo, rhi = paired_bootstrap(a, b, "ratio")
+    assert r == pytest.approx(0.625 / 0.375) and rlo <= r <= rhi
+    with pytest.raises(ValueError):
+        paired_bootstrap(a, b[:-1])
+
+
+def test_continuation_logliks_match_full_forward():
+    """The cached-prompt scorer equals summing log-softmax over a full forward of prompt + continuation."""
+    llm, tok = _llm(), ByteTokenizer()
+    prompt = tok.encode("<|im_start|>user\nwhat?<|im_end|>\n")
+    conts = [tok.encode("a"), tok.encode("bcd"), tok.encode("ef")]
+    got = continuation_logliks(llm, text_embeds(llm, prompt), conts)
+    for c, g in zip(conts, got):
+        ids = torch.tensor([prompt + c])
+        logp = llm(ids).logits[0, :-1].log_softmax(-1)
+        want = sum(float(logp[len(prompt) - 1 + t, c[t]]) for t in range(len(c)))
+        assert g == pytest.approx(want, abs=1e-4)
+
+
+def test_perplexity_matches_model_loss():
+    llm, tok = _llm(), ByteTokenizer()
+    texts = ["hello world, a text", "short", "another longer line of text here"]
+    rows = text_nll(llm, tok, texts, batch=2)      # padded batches give the same per-text values
+    for t, r in zip(texts, rows):
+        ids = torch.tensor([tok.encode(t)])
+        assert r["tokens"] == ids.shape[1] - 1
+        assert r["nll"] / r["tokens"] == pytest.approx(float(llm(ids, labels=ids).loss), rel=1e-4)
+    assert perplexity(rows) == pytest.approx(math.exp(sum(r["nll"] for r in rows) / sum(r["tokens"] for r in rows)))
+
+
+# ---- data and model --------------------------------------------------------------------------------------
+def _planted_tarball(path, tasks: dict):
+    with tarfile.open(path, "w:gz") as t:
+        for name, task in tasks.items():
+            raw = json.dumps(task).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{name}/task.json")
+            info.size = len(raw)
+            t.addfile(info, io.BytesIO(raw))
+
+
+def _task(n, k=3):
+    return {"examples": [{"input": f"Q{i}?", "target_scores": {f"opt{j}": int(j == i % k) for j in range(k)}}
+                         for i in range(n)]}
+
+
+def test_parse_task_and_load_from_tarball(tmp_path):
+    task = _task(4)
+    task["examples"] += [{"input": "tie", "target_scores": {"a": 1, "b": 1}},      # no single answer: dropped
+                         {"input": "generative", "target": "x"}]                  # not multiple choice: dropped
+    qs = D.parse_task("t", task)
+    assert [q.answer for q in qs] == [0, 1, 2, 0] and qs[1].choices == ["opt0", "opt1", "opt2"]
+    _planted_tarball(tmp_path / "bigbench-1.0.0.tar.gz", {"t": task, "u": _task(2, 2)})
+    got = D.load_tasks(tmp_path, ["t", "u"])
+    assert len(got["t"]) == 4 and len(got["u"]) == 2 and (tmp_path / "bigbench_tasks.json").exists()
+    (tmp_path / "bigbench-1.0.0.tar.gz").unlink()          # the cache serves the second call
+    assert D.load_tasks(tmp_path, ["u"])["u"][1].answer == 1
+    _planted_tarball(tmp_path / "bigbench-1.0.0.tar.gz", {"t": task})
+    with pytest.raises(ValueError, match="not found"):
+        D.load_tasks(tmp_path, ["nope"])
+    assert D.subsample(list(range(100)), 10) == D.subsample(list(range(100)), 10) and len(D.subsample([1, 2], 5)) == 2
+
+
+def test_easy_vqa_and_efficientnet_features():
+    items, paths = D.easy_vqa_split("test", max_images=2)
+    assert len(paths) == 2 and items and all(0 <= it.image < 2 and it.answer in D.easy_vqa_answers() for it in items)
+    feats = D.efficientnet_features(paths)
+    assert feats.shape == (2, 49, 1280) and feats.dtype == torch.float16 and torch.isfinite(feats.float()).all()
+    with pytest.raises(ValueError):
+        D.easy_vqa_split("val")
+
+
+def test_sample_collator_and_image_embedding():
+    tok, llm = ByteTokenizer(), _llm()
+    vlm = build_vlm(llm, image_token_id=llm.config.vocab_size, vision_dim=8)
+    img = sample(tok, "what shape?", "circle", image=1, image_token_id=vlm.config.image_token_id, n_image=3)
+    txt = sample(tok, "x" * 500, "yes", max_len=64)
+    assert len(txt["input_ids"]) == 64 and txt["labels"][-4:] == tok.encode("yes<|im_end|>")
+    sup = [t for t in img["labels"] if t != IGNORE]
+    assert sup == tok.encode("circle<|im_end|>") and img["input_ids"].count(vlm.config.image_token_id) == 3
+    feats = torch.randn(2, 3, 8)
+    batch = Collator(feats, tok.pad_token_id)([img, txt])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, 64)
+    assert torch.equal(batch["image_features"][0], feats[1]) and not batch["image_features"][1].any()
+    emb = vlm.embed(batch["input_ids"], batch["image_features"])
+    mask = batch["input_ids"] == vlm.config.image_token_id
+    assert torch.allclose(emb[mask], vlm.projector(feats[1]), atol=1e-6)
+    assert vlm(**batch).loss.isfinite()
+    with pytest.raises(ValueError, match="image tokens"):
+        vlm.embed(batch["input_ids"], torch.randn(2, 4, 8))
+
+
+# ---- the pipeline end to end --------------------------------------------------------------------------------
+TASKS = {"report": ("r1", "r2"), "validation": ("v1",), "instruction": ("i1",), "perplexity": ("p1",)}
+
+
+@pytest.fixture
+def tiny_study(tmp_path):
+    from vlm_preserve.study.run import StudyConfig
+    _planted_tarball(tmp_path / "bigbench-1.0.0.tar.gz", {n: _task(6) for ns in TASKS.values() for n in ns})
+
+    def make(**kw):
+        base = dict(out=str(tmp_path / "out"), data_dir=str(tmp_path), tiny=True, seeds=(0,), train_images=6,
+                    test_images=3, vqa_test_questions=6, stage1_steps=2, steps=2, batch=2, report_cap=4,
+                    validation_cap=3, ppl_texts=4, instruction_samples=6, save_steps=100, merge_alphas=(0.5,),
+                    lora_rank=2, tasks=TASKS)
+        return StudyConfig(**{**base, **kw})
+    return make
+
+
+def test_pipeline_end_to_end_and_resume(tiny_study):
+    from vlm_preserve.study.report import load_runs, markdown, rows
+    from vlm_preserve.study.run import Study
+    cfg = tiny_study(methods=("full", "merge", "rdd_rbf", "lora", "distill", "mix", "pre"))
+    done = Study(cfg).run()
+    assert done == ["base", "full_s0", "merge_a0.5_s0", "rdd_rbf_s0", "lora_s0", "distill_s0", "mix_s0", "pre_s0"]
+    out = cfg.out
+    rec = json.loads(open(f"{out}/runs/rdd_rbf_s0.json").read())
+    assert rec["method"] == "rdd_rbf" and rec["seed"] == 0 and rec["wall_s"] >= 0
+    assert len(rec["items"]["language"]) == 8 and len(rec["items"]["validation"]) == 3
+    assert len(rec["items"]["vqa"]) == rec["summary"]["vqa_n"] and 0 <= rec["summary"]["vqa_acc"] <= 1
+    assert set(rec["summary"]) >= {"language_acc", "language_logp", "perplexity", "validation_acc", "vqa_acc",
+                                   "vqa_yes_no_acc", "vqa_other_acc"}
+    assert any("rdd_loss" in r for r in rec["train_log"])               # the plugin's term reached the Trainer log
+    assert any("distill_loss" in r for r in json.loads(open(f"{out}/runs/distill_s0.json").read())["train_log"])
+    assert "vqa" not in json.loads(open(f"{out}/runs/base.json").read())["items"]
+    assert not any((Study(cfg).out / "ckpt").iterdir())                # checkpoints go once a run is stored
+    assert Study(cfg).run() == []                                       # everything stored: nothing reruns
+    table = rows(load_runs(out))
+    assert [r["method"] for r in table][:3] == ["base", "full", "lora"]
+    base = table[0]
+    assert base["retention"][0] == 1.0 and base["dlogp"] == (0.0, 0.0, 0.0)
+    md = markdown(table)
+    assert md.count("\n") == len(table) + 2 and "| merge_a0.5 | 0 |" in md
+
+
+def test_merge_rows_recomputed_from_saved_full_model(tiny_study):
+    """A crash between the full run and its merges: the rerun reloads the saved full model for the merges, and
+    alpha=1 gives back the base LLM's language scores exactly."""
+    from vlm_preserve.study.run import Study
+    cfg = tiny_study(methods=("full", "merge"), merge_alphas=(0.0, 1.0))
+    Study(cfg).run()
+    for a in ("0.0", "1.0"):
+        (Study(cfg).path(f"merge_a{a}_s0")).unlink()
+    assert Study(cfg).run() == ["merge_a0.0_s0", "merge_a1.0_s0"]
+    load = lambda r: json.loads(Study(cfg).path(r).read_text())["items"]["language"]  # noqa: E731
+    assert [r["logp"] for r in load("merge_a1.0_s0")] == pytest.approx([r["logp"] for r in load("base")], abs=1e-4)
+    assert [r["logp"] for r in load("merge_a0.0_s0")] == pytest.approx([r["logp"] for r in load("full_s0")], abs=1e-4)
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tiny_study, monkeypatch):
+    from transformers import TrainerCallback
+
+    from vlm_preserve.study.run import Study
+    cfg = tiny_study(methods=("rdd_rbf",), steps=4, save_steps=2)
+    seen = {"first_step": [], "interrupt": True}
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            seen["first_step"].append(None)
+
+        def on_step_begin(self, args, state, control, **kw):
+            if seen["first_step"][-1] is None:
+                seen["first_step"][-1] = state.global_step
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3 and seen["interrupt"]:
+                seen["interrupt"] = False
+                raise KeyboardInterrupt  # the machine went away after the step-2 checkpoint
+
+    original = Study.trainer
+
+    def trainer(self, *a, **kw):
+        tr = original(self, *a, **kw)
+        if "rdd" in str(a[2]):
+            tr.add_callback(Probe())
+        return tr
+    monkeypatch.setattr(Study, "trainer", trainer)
+    with pytest.raises(KeyboardInterrupt):
+        Study(cfg).run()
+    assert (Study(cfg).out / "ckpt" / "rdd_rbf_s0" / "checkpoint-2").is_dir()
+    assert Study(cfg).run() == ["rdd_rbf_s0"]
+    assert seen["first_step"] == [0, 2]                                # the second attempt started at step 2
+    rec = json.loads(Study(cfg).path("rdd_rbf_s0").read_text())
+    assert rec["train_log"][-1]["step"] == 4
+
+
+def test_bad_config_is_refused(tiny_study):
+    with pytest.raises(ValueError, match="unknown methods"):
+        tiny_study(methods=("full", "bogus")).validate()
+    with pytest.raises(ValueError, match="merge is computed from the full run"):
+        tiny_study(methods=("merge",)).validate()
+    with pytest.raises(ValueError, match="two roles"):
+        tiny_study(tasks={**TASKS, "validation": ("r1",)}).validate()
+
+
+def test_study_command_runs_and_reports(tmp_path):
+    """`vlm-preserve study` end to end on the tiny model: flags parsed into StudyConfig, runs stored, --report
+    writes the markdown table and the plot."""
+    from vlm_preserve.cli import main
+    names = D.REPORT_TASKS + D.VALIDATION_TASKS + D.INSTRUCTION_TASKS + D.PERPLEXITY_TASKS
+    _planted_tarball(tmp_path / "bigbench-1.0.0.tar.gz", {n: _task(3) for n in names})
+    out = tmp_path / "out"
+    common = ["study", "--out", str(out), "--data-dir", str(tmp_path), "--tiny", "--methods", "full,rdd_linear",
+              "--seeds", "0", "--train-images", "4", "--test-images", "2", "--vqa-test-questions", "3",
+              "--stage1-steps", "1", "--steps", "1", "--batch", "2", "--report-cap", "1", "--ppl-texts", "2",
+              "--instruction-samples", "2", "--no-bf16"]
+    assert main(common) == 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["base.json", "full_s0.json", "rdd_linear_s0.json"]
+    rec = json.loads((out / "runs" / "full_s0.json").read_text())
+    assert rec["config"]["bf16"] is False and rec["config"]["steps"] == 1 and rec["summary"]["language_n"] == 8
+    assert main(common + ["--report", str(tmp_path / "table.md")]) == 0
+    md = (tmp_path / "table.md").read_text()
+    assert "| rdd_linear | 0 |" in md and (tmp_path / "table.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(["study", "--out", str(out), "--methods", "full,bogus", "--tiny"])
