@@ -100,6 +100,17 @@ def _records(images_dir: Path, rng: random.Random, n_image_samples: int, n_text_
     return records
 
 
+def _start(root, seed: int, vision: str) -> tuple[TinyLlavaFixture, random.Random]:
+    """The fixture's folders, created, and its seeded RNGs (python's returned; torch's set)."""
+    import torch
+    root = Path(root)
+    torch.manual_seed(seed)
+    fx = TinyLlavaFixture(root, root / "llm", root / vision, root / "data.json", root / "images")
+    for p in (fx.llm, fx.vision, fx.images):
+        p.mkdir(parents=True, exist_ok=True)
+    return fx, random.Random(seed)
+
+
 def build_tiny_llava(root: str | os.PathLike, *, seed: int = 0, hidden_size: int = 64, layers: int = 4,
                      n_image_samples: int = 24, n_text_samples: int = 8) -> TinyLlavaFixture:
     """Write the fixture under `root` (created) and return its paths."""
@@ -107,12 +118,7 @@ def build_tiny_llava(root: str | os.PathLike, *, seed: int = 0, hidden_size: int
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
                               LlamaForCausalLM)
 
-    root = Path(root)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    fx = TinyLlavaFixture(root, root / "llm", root / "vision", root / "data.json", root / "images")
-    for p in (fx.llm, fx.vision, fx.images):
-        p.mkdir(parents=True, exist_ok=True)
+    fx, rng = _start(root, seed, "vision")
 
     tok = _tokenizer(fx.llm, rng)
     tok.save_pretrained(fx.llm)
@@ -163,12 +169,7 @@ def build_tiny_bunny(root: str | os.PathLike, model_type: str = "phi-2", *, seed
 
     if model_type not in BUNNY_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r}: fixtures exist for {', '.join(BUNNY_MODEL_TYPES)}")
-    root = Path(root)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    fx = TinyLlavaFixture(root, root / "llm", root / "siglip_vision", root / "data.json", root / "images")
-    for p in (fx.llm, fx.vision, fx.images):
-        p.mkdir(parents=True, exist_ok=True)
+    fx, rng = _start(root, seed, "siglip_vision")
     tok = _byte_bpe_tokenizer(fx.llm, rng)
     common = dict(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                   num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256,
@@ -253,12 +254,7 @@ def build_tiny_nvila(root: str | os.PathLike, *, seed: int = 0, hidden_size: int
     from transformers import (PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor,
                               SiglipVisionConfig, SiglipVisionModel)
 
-    root = Path(root)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    fx = TinyLlavaFixture(root, root / "llm", root / "siglip_vision", root / "data.json", root / "images")
-    for p in (fx.llm, fx.vision, fx.images):
-        p.mkdir(parents=True, exist_ok=True)
+    fx, rng = _start(root, seed, "siglip_vision")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -277,7 +273,7 @@ def build_tiny_nvila(root: str | os.PathLike, *, seed: int = 0, hidden_size: int
     SiglipVisionModel(vcfg).save_pretrained(fx.vision, safe_serialization=True)
     SiglipImageProcessor(size={"height": 56, "width": 56}).save_pretrained(fx.vision)
     fx.data.write_text(json.dumps(_records(fx.images, rng, n_image_samples, n_text_samples), indent=1))
-    fx.registry = root / "datasets.yaml"
+    fx.registry = fx.root / "datasets.yaml"
     fx.registry.write_text(f"tiny:\n    _target_: llava.data.LLaVADataset\n    data_path: {fx.data}\n"
                            f"    media_dir: {fx.images}\n")
     return fx
