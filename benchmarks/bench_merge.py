@@ -5,8 +5,9 @@ merge of the same tensors; then checks mergekit's output equals ours (density 1.
     PYTHONPATH=plugin .venv/transformers/bin/python benchmarks/bench_merge.py --work /tmp/bench_merge \
         --mergekit /tmp/venvs/mergekit/bin/mergekit-yaml
 
-Each measurement is a fresh subprocess; peak RSS is its ru_maxrss (os.wait4). The page cache is warm for every
-run (the inputs are read once before timing), so times compare CPU and memory work, not disk speed.
+Each measurement is a fresh subprocess; peak RSS is its ru_maxrss (os.wait4). Two conditions: page cache warm
+(the inputs read once before timing: times compare CPU and memory work), and cold (every input file evicted
+from the page cache with posix_fadvise(DONTNEED) just before the run: the disk is read, as in a first merge).
 The "VLM" is the LLM plus noise in the plain Llama layout, so that mergekit (which needs an architecture it
 knows) reads the same tensors; vision tensors would only be copied, by both tools alike.
 """
@@ -108,6 +109,19 @@ for folder in sys.argv[1:]:
 """
 
 
+def evict(*folders: Path) -> None:
+    """Drop the folders' files from the page cache (no root needed, unlike /proc/sys/vm/drop_caches)."""
+    os.sync()
+    for folder in folders:
+        for f in folder.rglob("*"):
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
 def equal_outputs(a: Path, b: Path) -> tuple[int, list[str]]:
     import torch
     from safetensors import safe_open
@@ -159,6 +173,14 @@ def main():
     res["ours"] = measure(ours + ["--out", str(work / "ours")])
     res["plugin_import_only"] = measure([py, "-c", "import vlm_preserve.merge, torch"])
     print(res["ours"], flush=True)
+    shutil.rmtree(work / "ours_cold", ignore_errors=True)
+    for name, cmd in (("raw_read_cold", [py, "-c", RAW, str(vlm), str(llm)]),
+                      ("ours_cold", ours + ["--out", str(work / "ours_cold")])):
+        evict(vlm, llm)
+        res[name] = measure(cmd)
+        print(name, res[name], flush=True)
+    shutil.rmtree(work / "ours_cold")
+    measure([py, "-c", RAW, str(vlm), str(llm)])  # warm again for the rows below
     res["ours_3_alphas"] = measure(ours[:-3] + ["--alpha", "0.1,0.2,0.4", "--no-progress", "--out", str(work / "ours3")])
     print(res["ours_3_alphas"], flush=True)
     shutil.rmtree(work / "ours3")
@@ -177,6 +199,7 @@ def main():
     res["ratios"] = {k: round(res[k]["wall_s"] / r, 2) for k in ("safetensors_read", "ours", "ours_3_alphas", "mergekit")
                      if k in res}
     res["ours_vs_safetensors_read"] = round(res["ours"]["wall_s"] / res["safetensors_read"]["wall_s"], 2)
+    res["cold_ratio_ours_vs_raw_read"] = round(res["ours_cold"]["wall_s"] / res["raw_read_cold"]["wall_s"], 2)
     res["loadavg_end"] = os.getloadavg()
     print(json.dumps(res, indent=2))
     if not args.keep:

@@ -46,7 +46,9 @@ def expected(method, vlm, llm, alpha, density):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("method,density", [("none", 1.0), ("magnitude", 0.3), ("dare", 0.5)])
-def test_merged_tensors_equal_the_formula(ckpts, tmp_path, layout, method, density):
+def test_merged_tensors_equal_the_formula(ckpts, tmp_path, monkeypatch, layout, method, density):
+    # steps of 7 elements: every tensor spans several steps of the arithmetic, most end in a partial one
+    monkeypatch.setattr("vlm_preserve.merge.CHUNK", 7)
     root, base, vlms = ckpts
     out = tmp_path / "out"
     assert run_merge(vlms[layout], base, out, "--alpha", ",".join(map(str, ALPHAS)), "--sparsify", method,
@@ -198,3 +200,22 @@ def test_swapped_inputs_and_existing_output(ckpts, tmp_path, capsys):
     existing.mkdir()
     assert run_merge(vlms["native-new"], base, existing, "--alpha", "0.1") == 2
     assert "already exists: remove it or choose another folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["none", "magnitude"])
+def test_bf16_with_a_wider_base_and_added_rows_across_steps(method):
+    """The stepped arithmetic (float32 steps, one rounding to bf16) equals the whole-tensor formula bit for bit,
+    with the base stored in float32 and 3 rows the VLM added, over several steps and a partial last one."""
+    from vlm_preserve.merge import CHUNK, merge_into, sparsify
+    g = torch.Generator().manual_seed(0)
+    cols = 512
+    rows = (3 * CHUNK + 4 * cols) // cols
+    base = torch.randn(rows, cols, generator=g)
+    vlm = torch.cat([base + 0.01 * torch.randn(rows, cols, generator=g), torch.randn(3, cols, generator=g)])
+    vlm = vlm.to(torch.bfloat16)
+    alphas = [0.1, 0.37]
+    outs = merge_into([torch.empty_like(vlm) for _ in alphas], vlm, base, alphas, method, 0.3, 0, "w", rows)
+    tau = sparsify(base - vlm[:rows].float(), method, 0.3)
+    for o, a in zip(outs, alphas):
+        assert torch.equal(o[:rows], (vlm[:rows].float() + tau * a).to(torch.bfloat16))
+        assert torch.equal(o[rows:], vlm[rows:])
