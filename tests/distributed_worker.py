@@ -96,7 +96,7 @@ def run(reg: str, out: str, data: dict, stage: int | None, save: bool, resume: s
     args = transformers.TrainingArguments(
         output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=1 if stage or fsdp else 2,
         max_steps=2, logging_steps=1, learning_rate=1e-3, save_strategy="steps" if save else "no", save_steps=1,
-        report_to="none",        use_cpu=True, seed=0, remove_unused_columns=False, disable_tqdm=True,
+        report_to="none", use_cpu=True, seed=0, remove_unused_columns=False, disable_tqdm=True,
         deepspeed=ds_config(stage) if stage else None,
         fsdp=fsdp, fsdp_config=dict(FSDP_CONFIG) if fsdp else None)
     model = transformers.LlavaForConditionalGeneration.from_pretrained(data["model"], dtype=torch.float32)
