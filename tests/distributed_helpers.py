@@ -1,5 +1,7 @@
 """Launching the multi-process test runs: torchrun (or plain python) subprocesses on CPU with a timeout, so a hang
-fails the test instead of blocking CI."""
+fails the test instead of blocking CI; the data they share and how their results are compared (test_distributed.py:
+DeepSpeed, test_fsdp.py: accelerate FSDP; tests/distributed_worker.py does the runs)."""
+import json
 import os
 import subprocess
 import sys
@@ -26,3 +28,34 @@ def launch(cmd: list, what: str, timeout: int = LAUNCH_TIMEOUT) -> None:
         raise AssertionError(f"{what} did not finish in {timeout} s (a hang: ranks ran different collectives?)\n"
                              f"{tail.decode() if isinstance(tail, bytes) else tail}") from None
     assert p.returncode == 0, f"{what} failed ({p.returncode}):\n{(p.stdout + p.stderr)[-6000:]}"
+
+
+def write_data(d: Path) -> Path:
+    """A tiny Llava checkpoint, a teacher that disagrees with it (so distill is not 0) and the four batches every
+    run trains on (1: rank 0's mixed batch, 2: rank 1's one image, then two mixed ones); returns the data file."""
+    import torch
+
+    from native_helpers import build, make_batch
+    from test_distill import teacher_of
+    model = build("llava")
+    model.save_pretrained(d / "model")
+    teacher_of(model, noise=0.05).save_pretrained(d / "teacher")
+    batches = [make_batch(model, "llava", seed=0), make_batch(model, "llava", batch=1, seed=1),
+               make_batch(model, "llava", seed=2), make_batch(model, "llava", seed=3)]
+    torch.save({"model": str(d / "model"), "teacher": str(d / "teacher"), "batches": batches}, d / "data.pt")
+    return d / "data.pt"
+
+
+def result(runs: Path, name: str, reg: str) -> dict:
+    return json.loads((runs / name / reg / "result.json").read_text())
+
+
+def assert_rows_equal(got: list, want: list, what: str, rel: float) -> None:
+    """Both runs logged the same values (every `*loss` key) at steps 1 and 2, within `rel` (or 1e-6 absolute)."""
+    import pytest
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2], what
+    for g, w in zip(got, want):
+        keys = {k for k in w if k.endswith("loss")}
+        assert {k for k in g if k.endswith("loss")} == keys, (what, g, w)
+        for k in keys:
+            assert g[k] == pytest.approx(w[k], rel=rel, abs=1e-6), (what, k, g, w)

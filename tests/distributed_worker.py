@@ -1,10 +1,11 @@
-"""One process of the multi-process runs in test_distributed.py (launched by torchrun, 2 ranks over gloo on CPU),
-or, with --reference, the single-process run they are compared with.
+"""One process of the multi-process runs in test_distributed.py (DeepSpeed, --stage) and test_fsdp.py (accelerate
+FSDP, --fsdp), launched by torchrun, 2 ranks over gloo on CPU; or, with neither, the single-process run they are
+compared with.
 
 Every run: a tiny LlavaForConditionalGeneration loaded with from_pretrained *after* TrainingArguments exist (so
-under ZeRO-3 it is built partitioned, as upstream scripts build it), the regularizers attached with `attach`, two
-optimizer steps over four pre-built batches in order. Distributed: per-device batch 1 on 2 ranks (rank r gets
-batch 2s+r at step s). Reference: one process, gradient accumulation 2 over the same batches in the same order:
+under ZeRO-3 it is built partitioned, as upstream scripts build it; FSDP shards it in the Trainer's prepare), the
+regularizers attached with `attach`, two optimizer steps over four pre-built batches in order. Distributed:
+per-device batch 1 on 2 ranks (rank r gets batch 2s+r at step s). Reference: one process, gradient accumulation 2 over the same batches in the same order:
 the same global batch, so every logged value must agree. Step 1 gives rank 0 a mixed batch (two images and a
 text-only sample, which distill routes to the teacher) and rank 1 an image-only one (one image, nothing routed:
 the teacher does not run there); a hang here times the launcher out.
@@ -54,21 +55,64 @@ class Items(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def run(reg: str, out: str, data: dict, stage: int | None, save: bool, resume: str | None = None):
+# accelerate FSDP2 (transformers 5's default version; FSDP1 cannot run on CPU, docs/scale-out.md), full sharding,
+# one unit per decoder and vision-encoder layer (Llava's `_no_split_modules` also names CLIPTextEmbeddings, absent
+# here, so the layers are named); the heads stay in the root unit. FULL_STATE_DICT: each checkpoint gets a gathered
+# model.safetensors next to FSDP's own pytorch_model_fsdp.bin.
+FSDP_CONFIG = {"version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+               "state_dict_type": "FULL_STATE_DICT",
+               "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "CLIPEncoderLayer"]}
+
+
+def fsdp_on_cpu() -> None:
+    """accelerate 1.15 turns FSDP on only for accelerator device types (MULTI_GPU, MULTI_XPU, ...): on CPU
+    (MULTI_CPU, gloo) it ignores the Trainer's FSDP plugin and silently runs DDP. This makes it take the FSDP
+    path on CPU too; everything after (wrapping, sharding, state dicts, checkpoints) is accelerate's and torch's
+    own. Test-only: on GPUs accelerate does this itself."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+    init = AcceleratorState.__init__
+    if getattr(init, "_fsdp_on_cpu", False):
+        return
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does on GPUs
+    __init__._fsdp_on_cpu = True
+    AcceleratorState.__init__ = __init__
+
+
+def run(reg: str, out: str, data: dict, stage: int | None, save: bool, resume: str | None = None,
+        fsdp: bool = False):
+    if fsdp:
+        fsdp_on_cpu()
     if stage:
         # On GPUs accelerate starts DeepSpeed's communication backend when TrainingArguments set up the devices;
         # with use_cpu it does not, and zero.Init (in from_pretrained) would then count a world size of 1.
         import deepspeed
         deepspeed.init_distributed(dist_backend="gloo")
     args = transformers.TrainingArguments(
-        output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=1 if stage else 2, max_steps=2,
-        logging_steps=1, learning_rate=1e-3, save_strategy="steps" if save else "no", save_steps=1, report_to="none",
-        use_cpu=True, seed=0, remove_unused_columns=False, disable_tqdm=True,
-        deepspeed=ds_config(stage) if stage else None)
+        output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=1 if stage or fsdp else 2,
+        max_steps=2, logging_steps=1, learning_rate=1e-3, save_strategy="steps" if save else "no", save_steps=1,
+        report_to="none", use_cpu=True, seed=0, remove_unused_columns=False, disable_tqdm=True,
+        deepspeed=ds_config(stage) if stage else None,
+        fsdp=fsdp, fsdp_config=dict(FSDP_CONFIG) if fsdp else None)
     model = transformers.LlavaForConditionalGeneration.from_pretrained(data["model"], dtype=torch.float32)
+    if fsdp:
+        # The vision tower's last layer (and post-layernorm) never gets a gradient (Llava takes layer -2), so AdamW
+        # keeps no state for it, and torch's FSDP2 optimizer load refuses such a checkpoint on resume ("Missing
+        # optimizer state for parameter"), plugin or not. Frozen, it trains exactly as before (values unchanged).
+        for n, p in model.named_parameters():
+            if n.startswith(("model.vision_tower.encoder.layers.1.", "model.vision_tower.post_layernorm.")):
+                p.requires_grad_(False)
     trainer = InOrder(model=model, args=args, train_dataset=Items(data["batches"]), data_collator=lambda xs: xs[0])
     handle = attach(trainer, reg, distill=DistillConfig(distill_teacher=data["teacher"]) if "distill" in reg else None)
     trainer.train(resume_from_checkpoint=resume)
+    if fsdp:  # really sharded (accelerate's silent DDP fallback would leave plain tensors), the PRe head included
+        from torch.distributed.tensor import DTensor
+        assert all(isinstance(p, DTensor) for p in trainer.model.parameters()), "the model was not sharded by FSDP"
     rows = [r for r in trainer.state.log_history if "loss" in r]
     if not resume and save:
         trainer.save_model(os.path.join(out, "final"))  # ZeRO-3: gathered (stage3_gather_16bit_weights_on_model_save)
@@ -81,6 +125,7 @@ def main(argv):
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--stage", type=int, default=0, help="DeepSpeed ZeRO stage; 0: the single-process reference")
+    p.add_argument("--fsdp", action="store_true", help="accelerate FSDP2 instead of DeepSpeed")
     p.add_argument("--regs", default=",".join(r.replace(",", "+") for r in REGS))
     a = p.parse_args(argv)
     # Small chunks, so ranks with different visual-token counts (32 and 16 at step 1) run the PRe head a different
@@ -92,10 +137,11 @@ def main(argv):
         reg = reg.replace("+", ",")
         out = os.path.join(a.out, reg.replace(",", "+"))
         full = reg == REGS[-1]
-        result = {"rows": run(reg, out, data, a.stage or None, save=full)}
-        if full and a.stage:
-            result["resumed"] = run(reg, out + "-resumed", data, a.stage, save=False,
-                                    resume=os.path.join(out, "checkpoint-1"))
+        engine = dict(stage=a.stage or None, fsdp=a.fsdp)
+        result = {"rows": run(reg, out, data, save=full, **engine)}
+        if full and (a.stage or a.fsdp):
+            result["resumed"] = run(reg, out + "-resumed", data, save=False, resume=os.path.join(out, "checkpoint-1"),
+                                    **engine)
         if rank == 0:
             with open(os.path.join(out, "result.json"), "w") as f:
                 json.dump(result, f)

@@ -14,7 +14,6 @@ tiny LlavaForConditionalGeneration with every regularizer (tests/distributed_wor
 A text-only batch on one rank is not tested here: transformers-native VLMs skip their vision tower for it, which
 breaks ZeRO-2/3 without the plugin too (docs/scale-out.md).
 """
-import json
 import shutil
 import sys
 
@@ -28,9 +27,8 @@ pytest.importorskip("deepspeed")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from distributed_helpers import ROOT, launch  # noqa: E402
+from distributed_helpers import ROOT, assert_rows_equal, launch, result, write_data  # noqa: E402
 from distributed_worker import REGS  # noqa: E402
-from native_helpers import build, make_batch  # noqa: E402
 from test_distill import teacher_of  # noqa: E402
 
 REL = 1e-5
@@ -40,13 +38,7 @@ FULL = REGS[-1].replace(",", "+")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("distributed")
-    model = build("llava")
-    model.save_pretrained(d / "model")
-    teacher_of(model, noise=0.05).save_pretrained(d / "teacher")  # a teacher that disagrees: distill is not 0
-    batches = [make_batch(model, "llava", seed=0), make_batch(model, "llava", batch=1, seed=1),
-               make_batch(model, "llava", seed=2), make_batch(model, "llava", seed=3)]
-    torch.save({"model": str(d / "model"), "teacher": str(d / "teacher"), "batches": batches}, d / "data.pt")
-    worker = [str(ROOT / "tests" / "distributed_worker.py"), "--data", str(d / "data.pt")]
+    worker = [str(ROOT / "tests" / "distributed_worker.py"), "--data", str(write_data(d))]
     launch([sys.executable, *worker, "--out", str(d / "ref")], "single-process reference")
     for stage in (3, 2):
         launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *worker,
@@ -54,25 +46,12 @@ def runs(tmp_path_factory):
     return d
 
 
-def result(runs, name: str, reg: str) -> dict:
-    return json.loads((runs / name / reg / "result.json").read_text())
-
-
-def assert_rows_equal(got: list, want: list, what: str) -> None:
-    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2], what
-    for g, w in zip(got, want):
-        keys = {k for k in w if k.endswith("loss")}
-        assert {k for k in g if k.endswith("loss")} == keys, (what, g, w)
-        for k in keys:
-            assert g[k] == pytest.approx(w[k], rel=REL, abs=1e-6), (what, k, g, w)
-
-
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("reg", REGS)
 def test_values_equal_the_single_process_run_on_the_same_global_batch(runs, stage, reg):
     reg = reg.replace(",", "+")
     want = result(runs, "ref", reg)["rows"]
-    assert_rows_equal(result(runs, f"zero{stage}", reg)["rows"], want, f"ZeRO-{stage} {reg}")
+    assert_rows_equal(result(runs, f"zero{stage}", reg)["rows"], want, f"ZeRO-{stage} {reg}", REL)
     names = {"rdd": ["rdd_loss"], "pre": ["pre_loss"], "distill": ["distill_loss"]}
     for r in want:  # every term was measured at both steps (at step 1, distill on rank 0 only)
         assert all(k in r for n in reg.split("+") for k in names[n]), r
@@ -88,7 +67,7 @@ def test_heads_checkpointed_and_resume_repeats_the_uninterrupted_run(runs, stage
         assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in heads.values())
     # the heads in the file are the trained ones: the same as in DeepSpeed's own checkpoint (zero_to_fp32 below)
     r = result(runs, f"zero{stage}", FULL)
-    assert_rows_equal(r["resumed"], r["rows"], f"ZeRO-{stage} resumed from checkpoint-1")
+    assert_rows_equal(r["resumed"], r["rows"], f"ZeRO-{stage} resumed from checkpoint-1", REL)
 
 
 def test_final_models_have_no_heads_and_equal_the_reference(runs, tmp_path):

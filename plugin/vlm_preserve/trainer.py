@@ -17,14 +17,37 @@ from .regularizers.distill import ROUTE_KEY
 HEADS_FILE = "vlm_preserve_heads.safetensors"
 
 
+def _is_dtensor(t) -> bool:
+    """A parameter sharded by FSDP2 (`fully_shard`, accelerate's FSDP version 2): a DTensor holding one shard."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without torch.distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 def _gathered_state(module: torch.nn.Module) -> dict:
-    """State dict of a small module, gathered first under DeepSpeed ZeRO-3 (partitioned params are empty)."""
+    """State dict of a small module, gathered first under DeepSpeed ZeRO-3 (partitioned params are empty) or
+    FSDP2 (params are DTensor shards: `full_tensor()` all-gathers them; every rank calls this, in the same order)."""
     params = [p for p in module.parameters() if hasattr(p, "ds_id")]
     if params:
         import deepspeed
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: (v.full_tensor() if _is_dtensor(v) else v).detach().cpu().clone()
+            for k, v in module.state_dict().items()}
+
+
+def _load_full_state(module: torch.nn.Module, state: dict) -> None:
+    """`module.load_state_dict(state)` for a full (gathered) state; under FSDP2 each full tensor is cut to this
+    rank's shard first (load_state_dict cannot copy a plain tensor into a DTensor). Every rank read the same file,
+    so no collective is needed (src_data_rank=None: each rank takes its own chunk)."""
+    own = module.state_dict()
+    if any(_is_dtensor(v) for v in own.values()):
+        from torch.distributed.tensor import distribute_tensor
+        state = {k: distribute_tensor(v.to(own[k].dtype), own[k].device_mesh, own[k].placements, src_data_rank=None)
+                 if _is_dtensor(own[k]) else v for k, v in state.items()}
+    module.load_state_dict(state)
 
 
 class PreservingMixin:
@@ -134,7 +157,7 @@ class PreservingMixin:
                     f"({','.join(self.preserver.names)}), so their heads cannot be restored. "
                     "Resume with the regularizers it was trained with, or start a new output_dir.")
             from safetensors.torch import load_file
-            self._vp.heads.load_state_dict(load_file(path, device="cpu"))
+            _load_full_state(self._vp.heads, load_file(path, device="cpu"))
         return result
 
 
