@@ -1,6 +1,6 @@
-"""One process of the multi-process runs in test_distributed.py (DeepSpeed, --stage) and test_fsdp.py (accelerate
-FSDP, --fsdp), launched by torchrun, 2 ranks over gloo on CPU; or, with neither, the single-process run they are
-compared with.
+"""One process of the multi-process runs in test_distributed.py (DeepSpeed, --stage), test_fsdp.py (accelerate
+FSDP, --fsdp) and test_ddp.py (the Trainer's own DDP, --ddp), launched by torchrun, 2 ranks over gloo on CPU; or,
+with none of these, the single-process run they are compared with.
 
 Every run: a tiny LlavaForConditionalGeneration loaded with from_pretrained *after* TrainingArguments exist (so
 under ZeRO-3 it is built partitioned, as upstream scripts build it; FSDP shards it in the Trainer's prepare), the
@@ -85,7 +85,7 @@ def fsdp_on_cpu() -> None:
 
 
 def run(reg: str, out: str, data: dict, stage: int | None, save: bool, resume: str | None = None,
-        fsdp: bool = False):
+        fsdp: bool = False, ddp: bool = False):
     if fsdp:
         fsdp_on_cpu()
     if stage:
@@ -94,7 +94,7 @@ def run(reg: str, out: str, data: dict, stage: int | None, save: bool, resume: s
         import deepspeed
         deepspeed.init_distributed(dist_backend="gloo")
     args = transformers.TrainingArguments(
-        output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=1 if stage or fsdp else 2,
+        output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=1 if stage or fsdp or ddp else 2,
         max_steps=2, logging_steps=1, learning_rate=1e-3, save_strategy="steps" if save else "no", save_steps=1,
         report_to="none", use_cpu=True, seed=0, remove_unused_columns=False, disable_tqdm=True,
         deepspeed=ds_config(stage) if stage else None,
@@ -126,6 +126,7 @@ def main(argv):
     p.add_argument("--out", required=True)
     p.add_argument("--stage", type=int, default=0, help="DeepSpeed ZeRO stage; 0: the single-process reference")
     p.add_argument("--fsdp", action="store_true", help="accelerate FSDP2 instead of DeepSpeed")
+    p.add_argument("--ddp", action="store_true", help="the Trainer's own DDP (torchrun, neither DeepSpeed nor FSDP)")
     p.add_argument("--regs", default=",".join(r.replace(",", "+") for r in REGS))
     a = p.parse_args(argv)
     # Small chunks, so ranks with different visual-token counts (32 and 16 at step 1) run the PRe head a different
@@ -137,9 +138,9 @@ def main(argv):
         reg = reg.replace("+", ",")
         out = os.path.join(a.out, reg.replace(",", "+"))
         full = reg == REGS[-1]
-        engine = dict(stage=a.stage or None, fsdp=a.fsdp)
+        engine = dict(stage=a.stage or None, fsdp=a.fsdp, ddp=a.ddp)
         result = {"rows": run(reg, out, data, save=full, **engine)}
-        if full and (a.stage or a.fsdp):
+        if full and (a.stage or a.fsdp or a.ddp):
             result["resumed"] = run(reg, out + "-resumed", data, save=False, resume=os.path.join(out, "checkpoint-1"),
                                     **engine)
         if rank == 0:

@@ -72,7 +72,12 @@ class PreservingMixin:
         inputs = {k: v for k, v in inputs.items() if k != ROUTE_KEY}
         inputs.update(self._vp.forward_kwargs())
         self._vp.begin_step()
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        anchor = self._vp_anchor(model)
+        try:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        finally:
+            if anchor is not None:
+                anchor.remove()
         lm_loss, outputs = result if return_outputs else (result, None)
         loss, logs = self._vp.total_loss(lm_loss, step_seed=self._step_seed(), route=route)
         # Where the trainer does not divide by gradient accumulation (its loss is already normalised over the
@@ -92,6 +97,31 @@ class PreservingMixin:
         if self._vp.forward_kwargs() and return_outputs:  # evaluation would otherwise collect every layer as "logits"
             outputs = type(outputs)(**{k: v for k, v in outputs.items() if k != "hidden_states"})
         return (loss, outputs) if return_outputs else loss
+
+    def _vp_anchor(self, model):
+        """Under torch DDP with find_unused_parameters (the Trainer's default without gradient checkpointing), DDP
+        finds the parameters a forward used by walking back from the forward's outputs, right after it. The heads
+        run later, in this loss, so DDP would mark them unused and then fail when their gradients arrive ("marked
+        as ready twice"). Adding a zero computed from the heads' parameters to an output inside the forward (the
+        loss, else the last hidden state PRe asks for) makes DDP expect their gradients; values and gradients are
+        unchanged (x + 0 is x). New output keys cannot be used: DDP rebuilds the output class from its fields.
+        Returns the hook's handle, or None where no anchor is needed."""
+        if not (len(self._vp.heads) and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+                and model.find_unused_parameters and torch.is_grad_enabled()):
+            return None
+        params = [p for p in self._vp.heads.parameters() if p.requires_grad]
+
+        def hook(module, args, output):
+            if not params:
+                return output
+            zero = torch.stack([p.reshape(-1)[:1].sum().float() for p in params]).sum() * 0
+            if getattr(output, "loss", None) is not None:
+                output.loss = output.loss + zero
+            elif getattr(output, "hidden_states", None) is not None:
+                hs = output.hidden_states
+                output.hidden_states = (*hs[:-1], hs[-1] + zero.to(hs[-1].dtype))
+            return output
+        return model.module.register_forward_hook(hook)
 
     def _vp_ga_scaled(self, num_items_in_batch) -> bool:
         """Does the trainer skip its division by gradient-accumulation steps?"""
