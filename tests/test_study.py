@@ -261,3 +261,21 @@ def test_study_command_runs_and_reports(tmp_path):
     assert "| rdd_linear | 0 |" in md and (tmp_path / "table.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         main(["study", "--out", str(out), "--methods", "full,bogus", "--tiny"])
+
+
+def test_idle_cores_counts_a_busy_core():
+    """Thread choice on CPU: measured now, not from the lagging load average (a core kept busy here counts)."""
+    import os
+    import threading
+    import time as _time
+
+    from vlm_preserve.study.run import idle_cores
+    n = os.cpu_count() or 1
+    assert 0 <= idle_cores(0.2) <= n
+    stop = _time.time() + 1.0
+    busy = threading.Thread(target=lambda: [None for _ in iter(lambda: _time.time() < stop, False)])
+    busy.start()
+    try:
+        assert idle_cores(0.3) <= n - 1 + 0.5  # this process keeps one core busy
+    finally:
+        busy.join()

