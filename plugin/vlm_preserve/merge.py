@@ -149,7 +149,6 @@ def alpha_dir(a: float) -> str:
 def merge(vlm: str, base_llm: str, alphas, out: str, *, density: float = 1.0, sparsify_method: str = "none",
           seed: int = 0, show_progress: bool = True) -> list[Path]:
     """Write the merged VLM to `out` (one α), or `out/alpha-<α>/` for each of several α. Returns the folders."""
-    import torch
     alphas = [float(a) for a in alphas]
     _check(alphas, sparsify_method, density)
     v, b = Checkpoint(vlm), Checkpoint(base_llm)
@@ -163,12 +162,11 @@ def merge(vlm: str, base_llm: str, alphas, out: str, *, density: float = 1.0, sp
     # NVILA components without LLM tensors (vision_tower/, mm_projector/) are copied as files, byte for byte.
     copied_parts = {p for p in v.parts if p and not any(llm_name(v.layout, p + n) for n in v.parts[p].files)}
     written_parts = [p for p in v.parts if p not in copied_parts]
-    total = sum(_nbytes(it.dtype, it.shape) for it in items if not any(it.name.startswith(p) for p in copied_parts))
-    bar = progress(total, "merge") if show_progress else None
+    written = [it for it in items if not any(it.name.startswith(p) for p in copied_parts)]
+    sizes = [_nbytes(it.dtype, it.shape) for it in written]
+    bar = progress(sum(sizes), "merge") if show_progress else None
     stats = {"merged_tensors": 0, "copied_tensors": 0, "kept_vlm_rows": {}}
-    merged_items = [it for it in items if not any(it.name.startswith(p) for p in copied_parts)]
-    sizes = [_nbytes(it.dtype, it.shape) for it in merged_items]
-    sizes += [_nbytes(*b.spec(it.llm)) for it in merged_items if it.llm]  # the base may be stored wider (fp32)
+    sizes += [_nbytes(*b.spec(it.llm)) for it in written if it.llm]  # the base may be stored wider (fp32)
     io = _Streams(v, b, max(sizes, default=0), len(alphas))
     with atomic_dir(out) as tmp, io:
         roots = [tmp / s for s in subdirs]
