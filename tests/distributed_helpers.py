@@ -46,6 +46,18 @@ def write_data(d: Path) -> Path:
     return d / "data.pt"
 
 
+def run_worker(d: Path, engines: dict, regs: str | None = None) -> Path:
+    """The single-process reference into d/ref, then each engine (name -> worker flags) on 2 processes into
+    d/<name>, all on the data written to d; returns d."""
+    worker = [str(ROOT / "tests" / "distributed_worker.py"), "--data", str(write_data(d))]
+    worker += ["--regs", regs] if regs else []
+    launch([sys.executable, *worker, "--out", str(d / "ref")], "single-process reference")
+    for name, flags in engines.items():
+        launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *worker,
+                "--out", str(d / name), *flags], f"{name} on 2 processes")
+    return d
+
+
 def result(runs: Path, name: str, reg: str) -> dict:
     return json.loads((runs / name / reg / "result.json").read_text())
 

@@ -12,7 +12,6 @@ transformers 5.23's Trainer reloads a Llava checkpoint with load_state_dict(stri
 the legacy key names, so the model's weights are silently not restored, plugin or not (checked with the plugin off;
 tests/test_native_trainer.py meets the same).
 """
-import sys
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
 
 from safetensors.torch import load_file  # noqa: E402
 
-from distributed_helpers import ROOT, assert_rows_equal, launch, result, write_data  # noqa: E402
+from distributed_helpers import assert_rows_equal, result, run_worker  # noqa: E402
 from distributed_worker import REGS  # noqa: E402
 
 REL = 1e-5
@@ -32,12 +31,7 @@ RUNS = ("pre", REGS[-1].replace(",", "+"))  # the head is PRe's; the full set al
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ddp")
-    worker = [str(ROOT / "tests" / "distributed_worker.py"), "--data", str(write_data(d)), "--regs", ",".join(RUNS)]
-    launch([sys.executable, *worker, "--out", str(d / "ref")], "single-process reference")
-    launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *worker, "--out", str(d / "ddp"),
-            "--ddp"], "DDP on 2 processes")
-    return d
+    return run_worker(tmp_path_factory.mktemp("ddp"), {"ddp": ["--ddp"]}, regs=",".join(RUNS))
 
 
 @pytest.mark.parametrize("reg", RUNS)

@@ -27,7 +27,7 @@ pytest.importorskip("deepspeed")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from distributed_helpers import ROOT, assert_rows_equal, launch, result, write_data  # noqa: E402
+from distributed_helpers import assert_rows_equal, launch, result, run_worker  # noqa: E402
 from distributed_worker import REGS  # noqa: E402
 from test_distill import teacher_of  # noqa: E402
 
@@ -37,13 +37,7 @@ FULL = REGS[-1].replace(",", "+")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("distributed")
-    worker = [str(ROOT / "tests" / "distributed_worker.py"), "--data", str(write_data(d))]
-    launch([sys.executable, *worker, "--out", str(d / "ref")], "single-process reference")
-    for stage in (3, 2):
-        launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *worker,
-              "--out", str(d / f"zero{stage}"), "--stage", str(stage)], f"ZeRO-{stage} on 2 processes")
-    return d
+    return run_worker(tmp_path_factory.mktemp("distributed"), {f"zero{k}": ["--stage", str(k)] for k in (3, 2)})
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -16,7 +16,6 @@ single-process reference.
 accelerate 1.15 ignores the FSDP plugin on CPU (it runs DDP); the worker's `fsdp_on_cpu` makes it take its FSDP
 path, as it does on GPUs (docs/scale-out.md).
 """
-import sys
 
 import pytest
 import torch
@@ -33,7 +32,7 @@ except (ImportError, AssertionError):
 
 from safetensors.torch import load_file  # noqa: E402
 
-from distributed_helpers import ROOT, assert_rows_equal, launch, result, write_data  # noqa: E402
+from distributed_helpers import assert_rows_equal, result, run_worker  # noqa: E402
 from distributed_worker import REGS  # noqa: E402
 from test_distill import teacher_of  # noqa: E402
 
@@ -44,12 +43,7 @@ HEAD_SHAPES = {"pre.0.weight": (32, 32), "pre.0.bias": (32,), "pre.2.weight": (3
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fsdp")
-    worker = [str(ROOT / "tests" / "distributed_worker.py"), "--data", str(write_data(d))]
-    launch([sys.executable, *worker, "--out", str(d / "ref")], "single-process reference")
-    launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *worker, "--out", str(d / "fsdp"),
-            "--fsdp"], "FSDP2 on 2 processes")
-    return d
+    return run_worker(tmp_path_factory.mktemp("fsdp"), {"fsdp": ["--fsdp"]})
 
 
 @pytest.mark.parametrize("reg", REGS)
