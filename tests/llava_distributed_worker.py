@@ -64,6 +64,11 @@ def main(root: str, out: str, stage: int) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(rows, f)
+    if stage:
+        # torn down explicitly: left to interpreter exit, a rank once aborted ("terminate called without an active
+        # exception", SIGABRT) after its results were written, failing the launch
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
