@@ -172,6 +172,9 @@ def main():
             "--alpha", str(ALPHA), "--no-progress"]
     res["ours"] = measure(ours + ["--out", str(work / "ours")])
     res["plugin_import_only"] = measure([py, "-c", "import vlm_preserve.merge, torch"])
+    # the recipe's sha256 of both inputs alone (the merge runs it on a thread beside the arithmetic)
+    res["sha256_only"] = measure([py, "-c", "import sys; from vlm_preserve.checkpoints import Hasher; "
+                                  "Hasher(*sys.argv[1:]).hashes()", str(vlm), str(llm)])
     print(res["ours"], flush=True)
     shutil.rmtree(work / "ours_cold", ignore_errors=True)
     for name, cmd in (("raw_read_cold", [py, "-c", RAW, str(vlm), str(llm)]),
