@@ -86,6 +86,16 @@ def _planted_tarball(path, tasks: dict):
             t.addfile(info, io.BytesIO(raw))
 
 
+def _lang_tasks(n):
+    """The two text sources of the loss-based metrics, planted: n conversations and n English documents."""
+    words = " ".join(["a", "long", "enough", "reply", "with", "words"] * 3)
+    chat = {"examples": [{"input": f'agent_A: "hello {i}" agent_B: "hi, how are you {i}?"', "target": f'"{words} {i}"'}
+                         for i in range(n)]}
+    doc = "The history of the town is long and the people of the valley are proud of it.\n" * 6
+    text = {"examples": [{"input": f"Document {i}. " + doc, "target": "0 1"} for i in range(n)]}
+    return {D.CHAT_TASK: chat, D.TEXT_TASK: text}
+
+
 def _task(n, k=3):
     return {"examples": [{"input": f"Q{i}?", "target_scores": {f"opt{j}": int(j == i % k) for j in range(k)}}
                          for i in range(n)]}
@@ -144,13 +154,15 @@ TASKS = {"report": ("r1", "r2"), "validation": ("v1",), "instruction": ("i1",), 
 @pytest.fixture
 def tiny_study(tmp_path):
     from vlm_preserve.study.run import StudyConfig
-    _planted_tarball(tmp_path / "bigbench-1.0.0.tar.gz", {n: _task(6) for ns in TASKS.values() for n in ns})
+    _planted_tarball(tmp_path / "bigbench-1.0.0.tar.gz",
+                     {**{n: _task(6) for ns in TASKS.values() for n in ns}, **_lang_tasks(8)})
 
     def make(**kw):
         base = dict(out=str(tmp_path / "out"), data_dir=str(tmp_path), tiny=True, seeds=(0,), train_images=6,
                     test_images=3, vqa_test_questions=6, stage1_steps=2, steps=2, batch=2, report_cap=4,
                     validation_cap=3, ppl_texts=4, instruction_samples=6, save_steps=100, merge_alphas=(0.5,),
-                    lora_rank=2, tasks=TASKS)
+                    lora_rank=2, tasks=TASKS, language_validation=3, language_report=4, text_tokens=24,
+                    vqa_validation_questions=4)
         return StudyConfig(**{**base, **kw})
     return make
 
@@ -165,6 +177,9 @@ def test_pipeline_end_to_end_and_resume(tiny_study):
     rec = json.loads(open(f"{out}/runs/rdd_rbf_s0.json").read())
     assert rec["method"] == "rdd_rbf" and rec["seed"] == 0 and rec["wall_s"] >= 0
     assert len(rec["items"]["language"]) == 8 and len(rec["items"]["validation"]) == 3
+    assert len(rec["items"]["chat"]) == 4 and len(rec["items"]["text"]) == 4
+    assert all(math.isfinite(r["nll"]) and 0 <= r["p_end1"] <= 1 for r in rec["items"]["chat"])
+    assert {"chat_nll", "chat_p_end1", "text_nll"} <= set(rec["summary"]) and "cpu_gflops" in rec
     assert len(rec["items"]["vqa"]) == rec["summary"]["vqa_n"] and 0 <= rec["summary"]["vqa_acc"] <= 1
     assert set(rec["summary"]) >= {"language_acc", "language_logp", "perplexity", "validation_acc", "vqa_acc",
                                    "vqa_yes_no_acc", "vqa_other_acc"}
@@ -173,7 +188,7 @@ def test_pipeline_end_to_end_and_resume(tiny_study):
     assert "vqa" not in json.loads(open(f"{out}/runs/base.json").read())["items"]
     assert not any((Study(cfg).out / "ckpt").iterdir())                # checkpoints go once a run is stored
     assert Study(cfg).run() == []                                       # everything stored: nothing reruns
-    table = rows(load_runs(out))
+    table = rows(load_runs(f"{out}/runs"))
     assert [r["method"] for r in table][:3] == ["base", "full", "lora"]
     base = table[0]
     assert base["retention"][0] == 1.0 and base["dlogp"] == (0.0, 0.0, 0.0)
@@ -246,12 +261,13 @@ def test_study_command_runs_and_reports(tmp_path):
     writes the markdown table and the plot."""
     from vlm_preserve.cli import main
     names = D.REPORT_TASKS + D.VALIDATION_TASKS + D.INSTRUCTION_TASKS + D.PERPLEXITY_TASKS
-    _planted_tarball(tmp_path / "bigbench-1.0.0.tar.gz", {n: _task(3) for n in names})
+    _planted_tarball(tmp_path / "bigbench-1.0.0.tar.gz", {**{n: _task(3) for n in names}, **_lang_tasks(6)})
     out = tmp_path / "out"
     common = ["study", "--out", str(out), "--data-dir", str(tmp_path), "--tiny", "--methods", "full,rdd_linear",
               "--seeds", "0", "--train-images", "4", "--test-images", "2", "--vqa-test-questions", "3",
               "--stage1-steps", "1", "--steps", "1", "--batch", "2", "--report-cap", "1", "--ppl-texts", "2",
-              "--instruction-samples", "2", "--no-bf16"]
+              "--instruction-samples", "2", "--no-bf16", "--language-validation", "2", "--language-report", "3",
+              "--text-tokens", "16"]
     assert main(common) == 0
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["base.json", "full_s0.json", "rdd_linear_s0.json"]
     rec = json.loads((out / "runs" / "full_s0.json").read_text())
@@ -279,3 +295,144 @@ def test_idle_cores_counts_a_busy_core():
         assert idle_cores(0.3) <= n - 1 + 0.5  # this process keeps one core busy
     finally:
         busy.join()
+
+
+# ---- loss-based language metrics ----------------------------------------------------------------------------
+def test_reply_nll_matches_full_forward_and_batching():
+    from vlm_preserve.study.evaluate import reply_nll
+    llm, tok = _llm(), ByteTokenizer()
+    pairs = [(tok.encode("<|im_start|>user\nhi<|im_end|>\n"), tok.encode("hello there<|im_end|>")),
+             (tok.encode("ab"), tok.encode("cdefgh")), (tok.encode("x"), tok.encode("yz"))]
+    rows = reply_nll(llm, pairs, end_id=2, batch=2)
+    for (p, r), row in zip(pairs, rows):
+        logp = llm(torch.tensor([p + r])).logits[0].log_softmax(-1)
+        want = -sum(float(logp[len(p) - 1 + t, r[t]]) for t in range(len(r))) / len(r)
+        assert row["nll"] == pytest.approx(want, abs=1e-5) and row["tokens"] == len(r)
+        assert row["p_end1"] == pytest.approx(float(logp[len(p), 2].exp()), abs=1e-6)
+    assert [r["nll"] for r in reply_nll(llm, pairs, batch=1)] == pytest.approx([r["nll"] for r in rows], abs=1e-5)
+    with pytest.raises(ValueError, match="non-empty"):
+        reply_nll(llm, [([], [1])])
+
+
+def _closing_model(llm, end_id, bias):
+    """The same LLM with `bias` added to the end-of-turn logit everywhere: a model that closes its turn early."""
+    import copy
+    m = copy.deepcopy(llm)
+    with torch.no_grad():
+        m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.clone())  # untie: only the head changes
+        m.lm_head.bias = torch.nn.Parameter(torch.zeros(m.config.vocab_size))
+        m.lm_head.bias[end_id] = bias
+    return m
+
+
+def test_chat_metric_sees_a_model_that_closes_its_turn_early():
+    """Planted: raising the end-of-turn logit makes the reference replies less likely (chat NLL up, paired CI above
+    zero) and p(end after the first token) larger; identical models differ by exactly zero, CI containing 0."""
+    from vlm_preserve.study.evaluate import chat_pairs, reply_nll
+    llm, tok = _llm(), ByteTokenizer()
+    items = [{"turns": [["user", f"tell me about thing {i}"]], "reply": f"thing {i} is a fine thing, truly {i * 7}"}
+             for i in range(24)]
+    pairs = chat_pairs(tok, items)
+    base = reply_nll(llm, pairs, end_id=2)
+    same = reply_nll(llm, pairs, end_id=2)
+    early = reply_nll(_closing_model(llm, 2, 6.0), pairs, end_id=2)
+    d, lo, hi = paired_bootstrap([r["nll"] for r in same], [r["nll"] for r in base])
+    assert d == 0 and lo <= 0 <= hi
+    d, lo, hi = paired_bootstrap([r["nll"] for r in early], [r["nll"] for r in base])
+    assert d > 0 and lo > 0
+    assert all(e["p_end1"] > b["p_end1"] for e, b in zip(early, base))
+
+
+def test_chat_and_text_items_from_bigbench_examples():
+    chat = D.chat_items([
+        {"input": 'agent_A: "hi there"', "target": '"too short"'},
+        {"input": 'agent_A: "hi there" agent_B: "hello, how are you doing today?" agent_A: "fine, and you?"',
+         "target": '"' + " ".join(["word"] * 16) + '"'},
+        {"input": 'agent_A: "hi there" agent_B: "other"', "target": '"' + " ".join(["w"] * 20) + '"'},  # same talk
+        {"input": 'agent_B: "a" agent_A: "b" agent_B: "c" agent_A: "d"', "target": " ".join(["x"] * 15)}])
+    assert len(chat) == 2
+    assert chat[0]["turns"] == [["user", "hi there"], ["assistant", "hello, how are you doing today?"],
+                                ["user", "fine, and you?"]] and chat[0]["reply"] == " ".join(["word"] * 16)
+    assert [r for r, _ in chat[1]["turns"]] == ["user", "assistant", "user"] and chat[1]["turns"][-1][1] == "d"
+    en = "The cat sat on the mat.\nIt was a sunny day in the town of the river and the hill.\n" * 5
+    docs = D.english_documents([{"input": en}, {"input": "Der Hund und die Katze.\n" * 30}])
+    assert len(docs) == 1 and "\n" not in docs[0] and docs[0].startswith("The cat sat on the mat. It was")
+    split = D.split_items(list(range(50)), 10, 30)
+    assert len(split["validation"]) == 10 and len(split["report"]) == 30
+    assert not set(split["validation"]) & set(split["report"])
+    assert D.split_items(list(range(50)), 10, 35)["report"][:30] == split["report"]   # growing keeps items
+    with pytest.raises(ValueError, match="pool has 50"):
+        D.split_items(list(range(50)), 30, 30)
+
+
+# ---- the report generator and the sweep's rule, on jsons in the committed format -----------------------------
+def _run_json(method, seed, chat, text, vqa, acc=None):
+    acc = acc or [1.0, 0.0] * (len(chat) // 2)
+    return {"run": f"{method}_s{seed}", "method": method, "seed": seed, "wall_s": 10.0,
+            "summary": {"language_acc": sum(acc) / len(acc), "language_n": len(acc), "perplexity": 20.0,
+                        **({"vqa_acc": sum(vqa) / len(vqa)} if vqa else {})},
+            "items": {"language": [{"task": "t", "acc": a, "logp": -a, "n": 2} for a in acc],
+                      "chat": [{"nll": x, "tokens": 10, "p_end1": 0.01} for x in chat],
+                      "text": [{"nll": x, "tokens": 20} for x in text],
+                      **({"vqa": [{"acc": v, "yes_no": True} for v in vqa]} if vqa else {})}}
+
+
+def test_report_recovery_and_regeneration_bit_for_bit(tmp_path):
+    """Planted per-item scores: a method halfway between Full-Tuning and the base on every item recovers 50% (CI
+    exactly 50%); the page's prose outside the generated block survives; a rerun writes the same bytes."""
+    from vlm_preserve.study.report import load_runs, rows, write
+    base = [1.0 + 0.1 * (i % 7) for i in range(40)]
+    full = [b + 1.0 + 0.05 * (i % 5) for i, b in enumerate(base)]
+    half = [(b + f) / 2 for b, f in zip(base, full)]
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    recs = [_run_json("base", None, base, base, None), _run_json("full", 0, full, full, [1.0, 0.0] * 20),
+            _run_json("full", 1, full, full, [1.0, 1.0] * 20), _run_json("rdd_rbf", 0, half, base, [1.0, 0.0] * 20),
+            _run_json("merge_a0.5", 0, half, half, [0.0, 0.0] * 20)]
+    for r in recs:
+        (runs / f"{r['run']}.json").write_text(json.dumps(r))
+    table = {r["method"]: r for r in rows(load_runs(runs))}
+    assert table["rdd_rbf"]["rec_chat"] == pytest.approx((0.5, 0.5, 0.5))
+    assert table["rdd_rbf"]["rec_text"] == pytest.approx((1.0, 1.0, 1.0))     # text kept at base: all recovered
+    d, lo, hi = table["full"]["d_chat"]
+    assert d == pytest.approx(1.1) and lo > 0 and table["full"]["seeds"] == [0, 1]
+    assert "rec_chat" not in table["full"] and "rec_chat" not in table["base"]
+    assert table["full"]["vqa_ci"][0] == pytest.approx(0.75)                   # per-item mean over the two seeds
+    md = tmp_path / "results.md"
+    md.write_text("# Results\nprose before\n<!-- generated:table -->\nold\n<!-- /generated:table -->\nprose after\n")
+    png = write(runs, md)
+    page, image = md.read_text(), png.read_bytes()
+    assert page.startswith("# Results\nprose before\n") and page.endswith("prose after\n") and "old" not in page
+    assert "| rdd_rbf | 0 |" in page and "50% [50%, 50%]" in page and len(image) > 1000
+    write(runs, md)
+    assert md.read_text() == page and png.read_bytes() == image
+
+
+def test_sweep_rule_picks_the_smallest_admitted_setting(tmp_path):
+    from vlm_preserve.study import sweep
+    d = tmp_path / "sweep"
+    d.mkdir()
+    n = 30
+    base = [1.0 + 0.01 * i for i in range(n)]
+
+    def rec(lr, step, shift, vqa, losses):
+        items = {"chat": [{"nll": b + shift + 0.02 * (i % 3 - 1), "p_end1": 0.1} for i, b in enumerate(base)],
+                 "text": [{"nll": b} for b in base], "vqa": [{"acc": float(i < vqa * n)} for i in range(n)]}
+        (d / f"lr{lr:g}_step{step}.json").write_text(json.dumps(
+            {"lr": lr, "step": step, "items": items, "train_log": [{"loss": x} for x in losses]}))
+    (d / "base.json").write_text(json.dumps({"items": {"chat": [{"nll": b, "p_end1": 0.0} for b in base],
+                                                       "text": [{"nll": b} for b in base],
+                                                       "vqa": [{"acc": 0.0}] * n}}))
+    rec(1e-4, 25, 0.0, 0.5, [2.0, 1.0])       # no degradation
+    rec(1e-4, 50, 0.3, 0.8, [2.0, 1.0])       # admitted, drift 5e-3
+    rec(1e-3, 25, 0.5, 0.5, [2.0, 1.0])       # degraded, but easy-vqa still climbing (0.8 later): not plateaued
+    rec(1e-3, 50, 0.5, 0.8, [2.0, 1.0])       # admitted, drift 5e-2
+    rec(3e-4, 25, 0.4, 0.9, [2.0, float("nan")])   # diverged
+    rows = sweep.summarize(*sweep.load(d))
+    by = {(r["lr"], r["step"]): r for r in rows}
+    assert not by[(1e-4, 25)]["degraded"] and by[(1e-3, 25)]["degraded"] and not by[(1e-3, 25)]["plateaued"]
+    assert by[(3e-4, 25)]["diverged"] and not by[(3e-4, 25)]["admitted"]
+    chosen = sweep.choose(rows)
+    assert (chosen["lr"], chosen["step"]) == (1e-4, 50)
+    md = tmp_path / "s.md"
+    assert sweep.report(d, md) == chosen and "50 **chosen**" in md.read_text()

@@ -20,7 +20,7 @@ def demo(out: str, data_dir: str = "", tiny: bool = False, **overrides) -> int:
     print(f"[demo] SmolLM2-135M-Instruct + EfficientNet-Lite0 on easy-vqa; {cfg.steps} tuning steps per method, "
           f"device {'cuda' if Study(cfg).device == 'cuda' else 'cpu'}; results in {out}/runs (rerun resumes)", flush=True)
     Study(cfg).run()
-    table = rows(load_runs(cfg.out))
+    table = rows(load_runs(Study(cfg).runs_dir))
     print("\n[demo] language: bigbench report tasks, log-likelihood multiple choice "
           f"({table[0]['n_lang']} questions); retention = accuracy / base accuracy, paired bootstrap 95% CI")
     print(markdown(table))

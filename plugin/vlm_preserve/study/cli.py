@@ -22,6 +22,12 @@ def add_arguments(p) -> None:
             p.add_argument(flag, default=",".join(map(str, default)), help=f"comma-separated (default {default})")
         else:
             p.add_argument(flag, type=type(default), default=default)
+    p.add_argument("--sweep", action="store_true", help="Run the regime sweep (Full-Tuning over study/sweep.py's "
+                                                          "learning rates and steps, validation items only) instead "
+                                                          "of the table; resumes.")
+    p.add_argument("--sweep-dir", metavar="DIR", help="Where the sweep's jsons are (default <out>/sweep).")
+    p.add_argument("--sweep-report", metavar="MD", help="Only write the sweep's table from its jsons into this "
+                                                         "markdown file and print the chosen setting.")
     p.add_argument("--report", metavar="MD", help="Only write the table of the finished runs to this markdown "
                                                    "file (and a plot beside it); train nothing.")
 
@@ -40,20 +46,28 @@ def config(args) -> StudyConfig:
 
 
 def run(args) -> int:
-    from .report import load_runs, markdown, plot, rows
+    from .report import write
     try:
         cfg = config(args)
         cfg.validate()
     except ValueError as e:  # a bad flag: say so before anything loads
         raise SystemExit(f"vlm-preserve study: {e}") from None
+    if args.sweep_report:
+        from .sweep import report
+        chosen = report(Path(args.sweep_dir or Path(cfg.out) / "sweep"), Path(args.sweep_report))
+        print(f"[sweep] wrote {args.sweep_report}; chosen: " +
+              (f"lr {chosen['lr']:g}, {chosen['step']} steps" if chosen else "none (no setting meets the rule)"))
+        return 0
     if args.report:
-        runs = load_runs(cfg.out)
-        md = Path(args.report)
-        md.write_text(markdown(rows(runs)))
-        plot(runs, md.with_suffix(".png"))
-        print(f"[study] wrote {md} and {md.with_suffix('.png')}")
+        png = write(Path(cfg.runs_dir or Path(cfg.out) / "runs"), Path(args.report))
+        print(f"[study] wrote {args.report} and {png}")
         return 0
     from .run import Study
+    if args.sweep:
+        from . import sweep
+        done = sweep.run(Study(cfg), Path(args.sweep_dir or Path(cfg.out) / "sweep"), seed=cfg.seeds[0])
+        print(f"[sweep] finished now: {', '.join(done) or 'nothing (all stored)'}")
+        return 0
     done = Study(cfg).run()
     print(f"[study] finished now: {', '.join(done) or 'nothing (all runs exist)'}")
     return 0

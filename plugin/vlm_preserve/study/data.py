@@ -8,6 +8,14 @@ Task split (fixed here, before any result was seen; a task is in exactly one rol
 - VALIDATION_TASKS: where settings (learning rate, weights) may be chosen.
 - INSTRUCTION_TASKS: text-only instruction data for the mixing baseline and distill's language-intensive samples.
 - PERPLEXITY_TASKS: held-out text (question + correct answer) for perplexity.
+
+Two loss-based language metrics (they see forgetting long before multiple-choice accuracy does), each with a
+validation and a report item set, disjoint and fixed here by a seeded shuffle before any result was seen:
+- CHAT_TASK: chat response NLL: the next reply of a knowledge-grounded two-person conversation (topical_chat,
+  generative), the earlier utterances as alternating user/assistant turns; only replies of >= CHAT_MIN_WORDS words.
+- TEXT_TASK: plain-text NLL: the English Wikipedia documents of paragraph_segmentation (its input), sentences
+  re-joined into prose, no chat template.
+Neither task is in any of the roles above.
 """
 from __future__ import annotations
 
@@ -32,6 +40,11 @@ VALIDATION_TASKS = ("date_understanding", "social_iqa", "strategyqa", "disambigu
 INSTRUCTION_TASKS = ("implicatures", "winowhy", "metaphor_boolean", "intent_recognition", "navigate",
                      "epistemic_reasoning", "logical_fallacy_detection", "riddle_sense", "odd_one_out")
 PERPLEXITY_TASKS = ("understanding_fables", "moral_permissibility", "fantasy_reasoning")
+CHAT_TASK = "topical_chat"
+TEXT_TASK = "paragraph_segmentation"
+CHAT_MIN_WORDS = 15
+CHAT_CONTEXT_TURNS = 3      # earlier utterances kept as context (the conversations run to ~20)
+SPLIT_SEED = 1234           # the seeded shuffle that fixes which items are validation and which report
 
 
 @dataclass
@@ -102,6 +115,82 @@ def load_tasks(data_dir: Path, names, tarball: Path | None = None) -> dict[str, 
     return {n: [MCQuestion(**q) for q in have[n]] for n in names}
 
 
+def _raw_task(data_dir: Path, name: str) -> list[dict]:
+    """The raw examples of one bigbench task (generative ones included), cached as `bigbench_<name>.json`."""
+    cache = Path(data_dir) / f"bigbench_{name}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    tarball = bigbench_tarball(Path(data_dir))
+    with tarfile.open(tarball) as t:
+        for m in t:
+            if m.name.endswith(f"/bigbench/benchmark_tasks/{name}/task.json"):
+                examples = json.load(t.extractfile(m))["examples"]
+                break
+        else:
+            raise ValueError(f"bigbench task {name} not found in {tarball}")
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(examples))
+    tmp.replace(cache)
+    return examples
+
+
+_UTTERANCE = re.compile(r'agent_[AB]: "(.*?)"(?= agent_[AB]: |\s*$)', re.S)
+
+
+def chat_items(examples: list[dict]) -> list[dict]:
+    """{turns: [[role, text], ...], reply}: one reply per conversation (the first of >= CHAT_MIN_WORDS words in
+    file order, so items are independent), the reply the assistant's, the last CHAT_CONTEXT_TURNS utterances
+    before it as alternating turns starting with the user."""
+    out, seen = [], set()
+    for ex in examples:
+        utts = _UTTERANCE.findall(ex.get("input", ""))
+        reply = str(ex.get("target", "")).strip().strip('"').strip()
+        if not utts or len(reply.split()) < CHAT_MIN_WORDS:
+            continue
+        key = utts[0]
+        if key in seen:
+            continue
+        seen.add(key)
+        ctx = utts[-CHAT_CONTEXT_TURNS:]
+        if len(ctx) % 2 == 0:    # the turn before the reply is the user's: drop a leading assistant turn
+            ctx = ctx[1:]
+        roles = ["user" if (len(ctx) - 1 - i) % 2 == 0 else "assistant" for i in range(len(ctx))]
+        out.append({"turns": [[r, u.strip()] for r, u in zip(roles, ctx)], "reply": reply})
+    return out
+
+
+_STOP = {"the", "of", "and", "in", "to", "is", "was", "a", "for", "as", "with", "by", "that"}
+
+
+def english_documents(examples: list[dict]) -> list[str]:
+    """paragraph_segmentation's inputs are Wikipedia documents in several languages, one sentence a line: the
+    English ones (>= 15% of their words among 13 English function words), sentences joined into prose."""
+    out = []
+    for ex in examples:
+        text = ex.get("input", "")
+        words = re.findall(r"[A-Za-z]+", text.lower())
+        if len(words) > 50 and sum(w in _STOP for w in words) / len(words) > 0.15:
+            out.append(" ".join(line.strip() for line in text.splitlines() if line.strip()))
+    return out
+
+
+def split_items(items: list, n_validation: int, n_report: int) -> dict:
+    """{validation, report}: disjoint, from one seeded shuffle (SPLIT_SEED) of the whole pool, validation first;
+    the report set is the next `n_report` items, so growing it never moves an item between the two sets."""
+    order = list(range(len(items)))
+    random.Random(SPLIT_SEED).shuffle(order)
+    if n_validation + n_report > len(items):
+        raise ValueError(f"{n_validation} validation + {n_report} report items asked, the pool has {len(items)}")
+    return {"validation": [items[i] for i in order[:n_validation]],
+            "report": [items[i] for i in order[n_validation:n_validation + n_report]]}
+
+
+def language_sets(data_dir: Path, n_validation: int, n_report: int) -> dict:
+    """{"chat": {validation, report}, "text": {validation, report}}."""
+    return {"chat": split_items(chat_items(_raw_task(data_dir, CHAT_TASK)), n_validation, n_report),
+            "text": split_items(english_documents(_raw_task(data_dir, TEXT_TASK)), n_validation, n_report)}
+
+
 def subsample(questions: list, cap: int, seed: int = 0) -> list:
     """At most `cap` items, a fixed random subset (the same for every model, so comparisons are paired)."""
     if cap <= 0 or len(questions) <= cap:
@@ -118,17 +207,28 @@ class VQAItem:
     image: int  # row in the split's feature tensor
 
 
+HELDOUT_IMAGES = 100
+
+
 def easy_vqa_split(split: str, max_images: int = 0, seed: int = 0):
     """(questions, image paths in feature order) of easy-vqa's `train` or `test` split, restricted to a fixed
-    random subset of `max_images` images (0 = all) and the questions about them."""
+    random subset of `max_images` images (0 = all) and the questions about them. `heldout`: HELDOUT_IMAGES
+    training images outside that subset (validation for choosing settings; needs max_images > 0)."""
     import easy_vqa
-    if split not in ("train", "test"):
-        raise ValueError(f"easy-vqa split {split!r}: use train or test")
-    texts, answers, ids = getattr(easy_vqa, f"get_{split}_questions")()
-    paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+    if split not in ("train", "test", "heldout"):
+        raise ValueError(f"easy-vqa split {split!r}: use train, test or heldout")
+    source = "train" if split == "heldout" else split
+    texts, answers, ids = getattr(easy_vqa, f"get_{source}_questions")()
+    paths = getattr(easy_vqa, f"get_{source}_image_paths")()
     keep = sorted(paths)
     if max_images:
-        keep = sorted(random.Random(seed).sample(keep, min(max_images, len(keep))))
+        chosen = sorted(random.Random(seed).sample(keep, min(max_images, len(keep))))
+        if split == "heldout":
+            rest = sorted(set(keep) - set(chosen))
+            chosen = sorted(random.Random(seed + 1).sample(rest, min(HELDOUT_IMAGES, len(rest))))
+        keep = chosen
+    elif split == "heldout":
+        raise ValueError("held-out training images need a training subset (train_images > 0)")
     row = {img: i for i, img in enumerate(keep)}
     items = [VQAItem(t, a, row[i]) for t, a, i in zip(texts, answers, ids) if i in row]
     return items, [paths[i] for i in keep]

@@ -85,6 +85,49 @@ def text_nll(llm, tok, texts: list[str], max_len: int = 256, batch: int = 8) -> 
     return rows
 
 
+@torch.inference_mode()
+def reply_nll(llm, pairs: list[tuple[list[int], list[int]]], end_id: int | None = None, batch: int = 8) -> list[dict]:
+    """Per (prompt ids, reply ids): {nll: mean token NLL of the reply given the prompt, tokens, and with `end_id`
+    p_end1: the probability of `end_id` right after the reply's first token (closing the turn early)}.
+    Batched with right padding, similar lengths together; the LM head runs only where a reply token is scored."""
+    if any(not p or not r for p, r in pairs):
+        raise ValueError("reply_nll needs a non-empty prompt and reply for every item")
+    dev = llm.get_input_embeddings().weight.device
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    rows: list[dict] = [{} for _ in pairs]
+    for s in range(0, len(order), batch):
+        idx = order[s:s + batch]
+        seqs = [pairs[i][0] + pairs[i][1] for i in idx]
+        n = max(len(q) for q in seqs)
+        ids = torch.tensor([q + [0] * (n - len(q)) for q in seqs], device=dev)
+        mask = torch.tensor([[1] * len(q) + [0] * (n - len(q)) for q in seqs], device=dev)
+        h = llm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for k, i in enumerate(idx):
+            p, r = pairs[i]
+            logp = llm.lm_head(h[k, len(p) - 1:len(p) + len(r) - 1]).float().log_softmax(-1)
+            tok = logp.gather(-1, torch.tensor(r, device=dev)[:, None])[:, 0]
+            rows[i] = {"nll": float(-tok.mean()), "tokens": len(r)}
+            if end_id is not None:
+                rows[i]["p_end1"] = float(logp[1, end_id].exp()) if len(r) > 1 else float("nan")
+    return rows
+
+
+def chat_pairs(tok, items: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(prompt, reply) ids of chat items in the ChatML the VLM is tuned in (study/format.py): the turns, then the
+    assistant's reference reply closed by <|im_end|>."""
+    from .format import chat_prompt_ids
+    return [(chat_prompt_ids(tok, it["turns"]), answer_ids(tok, it["reply"])) for it in items]
+
+
+def text_pairs(tok, texts: list[str], max_tokens: int = 128) -> list[tuple[list[int], list[int]]]:
+    """Plain text, no template: the first token conditions, the next `max_tokens` - 1 are scored."""
+    out = []
+    for t in texts:
+        ids = tok.encode(t, add_special_tokens=False)[:max_tokens]
+        out.append((ids[:1], ids[1:]))
+    return out
+
+
 def perplexity(rows: list[dict]) -> float:
     return math.exp(sum(r["nll"] for r in rows) / max(1, sum(r["tokens"] for r in rows)))
 
@@ -110,25 +153,41 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def paired_bootstrap(a: list[float], b: list[float], stat: str = "diff", n: int = 2000, seed: int = 0):
-    """(point, low, high): the 95% percentile interval of mean(a) − mean(b) (`diff`) or mean(a) / mean(b)
-    (`ratio`) over resamples of the items, the same items drawn for both (a and b are paired per item)."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"paired bootstrap needs two equal-length non-empty lists (got {len(a)} and {len(b)})")
-
-    def f(x, y):
-        return x - y if stat == "diff" else (x / y if y else float("nan"))
-    if stat not in ("diff", "ratio"):
-        raise ValueError(f"stat {stat!r}: use diff or ratio")
+def bootstrap(columns: list[list[float]], stat, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(point, low, high): `stat(means)` on the columns' means, and its 95% percentile interval over resamples of
+    the items, the same items drawn for every column (they are paired per item). NaN resamples are dropped."""
+    m = len(columns[0])
+    if not m or any(len(c) != m for c in columns):
+        raise ValueError(f"bootstrap needs equal-length non-empty columns (got {[len(c) for c in columns]})")
     rng = random.Random(seed)
-    m = len(a)
     vals = []
     for _ in range(n):
         idx = [rng.randrange(m) for _ in range(m)]
-        v = f(sum(a[i] for i in idx) / m, sum(b[i] for i in idx) / m)
-        if v == v:  # a resample whose base mean is 0 has no ratio
+        v = stat([sum(c[i] for i in idx) / m for c in columns])
+        if v == v:
             vals.append(v)
     vals.sort()
+    point = stat([mean(c) for c in columns])
     if not vals:
-        return f(mean(a), mean(b)), float("nan"), float("nan")
-    return f(mean(a), mean(b)), vals[int(0.025 * len(vals))], vals[min(len(vals) - 1, int(0.975 * len(vals)))]
+        return point, float("nan"), float("nan")
+    return point, vals[int(0.025 * len(vals))], vals[min(len(vals) - 1, int(0.975 * len(vals)))]
+
+
+def recovery(method: list[float], full: list[float], base: list[float], n: int = 2000, seed: int = 0):
+    """(point, low, high) of (method − full) / (base − full), per-item paired: the share of Full-Tuning's change
+    from the base LLM that the method avoids (1 = none of it, 0 = all of it, < 0 = worse than Full-Tuning)."""
+    def f(x):
+        return (x[0] - x[1]) / (x[2] - x[1]) if x[2] != x[1] else float("nan")
+    return bootstrap([method, full, base], f, n, seed)
+
+
+def paired_bootstrap(a: list[float], b: list[float], stat: str = "diff", n: int = 2000, seed: int = 0):
+    """(point, low, high): the 95% percentile interval of mean(a) − mean(b) (`diff`) or mean(a) / mean(b)
+    (`ratio`) over resamples of the items, the same items drawn for both (a and b are paired per item)."""
+    if stat not in ("diff", "ratio"):
+        raise ValueError(f"stat {stat!r}: use diff or ratio")
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired bootstrap needs two equal-length non-empty lists (got {len(a)} and {len(b)})")
+    if stat == "diff":
+        return bootstrap([a, b], lambda x: x[0] - x[1], n, seed)
+    return bootstrap([a, b], lambda x: x[0] / x[1] if x[1] else float("nan"), n, seed)

@@ -18,6 +18,12 @@ def prompt_ids(tok, text: str, image_token_id: int | None = None, n_image: int =
     return head + img + tail
 
 
+def chat_prompt_ids(tok, turns: list) -> list[int]:
+    """A text-only conversation [[role, text], ...] (last turn the user's) up to the assistant's reply."""
+    text = "".join(f"<|im_start|>{role}\n{t}<|im_end|>\n" for role, t in turns) + "<|im_start|>assistant\n"
+    return tok.encode(text, add_special_tokens=False)
+
+
 def answer_ids(tok, answer: str, close: bool = True) -> list[int]:
     return tok.encode(answer + ("<|im_end|>" if close else ""), add_special_tokens=False)
 

@@ -1,22 +1,30 @@
-"""The table from the run jsons: per method, mean ± std over seeds, and the paired bootstrap against the base LLM
-(pooled over seeds: each seed's questions are the same, so seed-runs are stacked as extra paired items)."""
+"""The table from the run jsons. Per method, per-item scores are averaged over its seeds (every seed is scored on
+the same items), then compared item by item with the base LLM (paired bootstrap, 95% CI) and with Full-Tuning:
+recovery = (method − full) / (base − full), its CI from the same resamples of the items.
+
+`write()` fills the generated blocks of a markdown page (between `<!-- generated:table -->` and
+`<!-- /generated:table -->`; the whole file when it has no such block) and draws the plot beside it, from the
+jsons alone: a rerun on the same jsons gives the same bytes.
+"""
 from __future__ import annotations
 
 import json
 import statistics
 from pathlib import Path
 
-from .evaluate import mean, paired_bootstrap
+from .evaluate import mean, paired_bootstrap, recovery
 
 ORDER = ["base", "full", "attention_tuning", "lora", "soft_label", "mix", "merge", "rdd_rbf", "rdd_linear", "rdd_l2",
          "pre", "distill", "rdd_pre"]
 
 
-def load_runs(out: Path) -> dict:
+def load_runs(runs_dir: Path) -> dict:
     runs = {}
-    for p in sorted((Path(out) / "runs").glob("*.json")):
+    for p in sorted(Path(runs_dir).glob("*.json")):
         rec = json.loads(p.read_text())
         runs.setdefault(rec["method"], []).append(rec)
+    for recs in runs.values():
+        recs.sort(key=lambda r: -1 if r["seed"] is None else r["seed"])
     return runs
 
 
@@ -29,61 +37,131 @@ def _ms(xs) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
+def per_item(recs: list[dict], part: str, key: str) -> list[float]:
+    """One value per item: the mean over the runs (seeds); [] where the runs lack the part."""
+    cols = [[r[key] for r in rec["items"][part]] for rec in recs if part in rec["items"]]
+    if len(cols) != len(recs):
+        return []
+    return [sum(v) / len(v) for v in zip(*cols)]
+
+
+def _order(method: str):
+    family = method.split("_a")[0]
+    return (ORDER.index(family) if family in ORDER else 99, method)
+
+
 def rows(runs: dict) -> list[dict]:
-    """One row per method: summaries and the retention CI vs the base LLM."""
+    """One row per method: summaries, differences from the base LLM and recovery with their CIs."""
     if "base" not in runs:
         raise ValueError("no base run: the table compares every method with the base LLM")
-    base = runs["base"][0]["items"]
-    key = lambda m: (ORDER.index(m.split("_a")[0]) if m.split("_a")[0] in ORDER else 99, m)  # noqa: E731
+    base, full = runs["base"], runs.get("full")
     out = []
-    for method in sorted(runs, key=key):
+    for method in sorted(runs, key=_order):
         recs = runs[method]
-        a = [r["acc"] for rec in recs for r in rec["items"]["language"]]
-        b = [r["acc"] for _ in recs for r in base["language"]]
-        la = [r["logp"] for rec in recs for r in rec["items"]["language"]]
-        lb = [r["logp"] for _ in recs for r in base["language"]]
-        ret = paired_bootstrap(a, b, "ratio")
-        dlogp = paired_bootstrap(la, lb, "diff")
         s = [rec["summary"] for rec in recs]
-        out.append({"method": method, "seeds": sorted(rec["seed"] for rec in recs if rec["seed"] is not None),
-                    "language_acc": _ms(x["language_acc"] for x in s), "retention": ret, "dlogp": dlogp,
-                    "perplexity": _ms(x["perplexity"] for x in s),
-                    "vqa": _ms(x.get("vqa_acc", float("nan")) for x in s),
-                    "vqa_yes_no": _ms(x.get("vqa_yes_no_acc", float("nan")) for x in s),
-                    "vqa_other": _ms(x.get("vqa_other_acc", float("nan")) for x in s),
-                    "wall_s": sum(rec["wall_s"] for rec in recs), "n_lang": s[0]["language_n"]})
+        row = {"method": method, "seeds": sorted(rec["seed"] for rec in recs if rec["seed"] is not None),
+               "language_acc": _ms(x["language_acc"] for x in s), "perplexity": _ms(x["perplexity"] for x in s),
+               "vqa": _ms(x.get("vqa_acc", float("nan")) for x in s),
+               "vqa_yes_no": _ms(x.get("vqa_yes_no_acc", float("nan")) for x in s),
+               "vqa_other": _ms(x.get("vqa_other_acc", float("nan")) for x in s),
+               "wall_s": sum(rec["wall_s"] for rec in recs), "n_lang": s[0]["language_n"]}
+        acc, logp = per_item(recs, "language", "acc"), per_item(recs, "language", "logp")
+        row["retention"] = paired_bootstrap(acc, per_item(base, "language", "acc"), "ratio")
+        row["dlogp"] = paired_bootstrap(logp, per_item(base, "language", "logp"))
+        for part in ("chat", "text"):
+            m, b = per_item(recs, part, "nll"), per_item(base, part, "nll")
+            if not m or not b:
+                continue
+            row[f"{part}_nll"] = mean(m)
+            row[f"d_{part}"] = paired_bootstrap(m, b)
+            f = per_item(full, part, "nll") if full else []
+            if f and method not in ("base", "full"):
+                row[f"rec_{part}"] = recovery(m, f, b)
+            row[f"{part}_n"] = len(m)
+        if "chat" in recs[0]["items"]:
+            row["p_end1"] = mean(per_item(recs, "chat", "p_end1"))
+        vqa = per_item(recs, "vqa", "acc")
+        if vqa:
+            row["vqa_ci"] = _ci_of_mean(vqa)
+        out.append(row)
     return out
 
 
+def _ci_of_mean(xs: list[float]):
+    from .evaluate import bootstrap
+    return bootstrap([xs], lambda m: m[0])
+
+
+def _ci(t, pct: bool = False) -> str:
+    if not t:
+        return "—"
+    if pct:
+        return "{:.0f}% [{:.0f}%, {:.0f}%]".format(*(100 * v for v in t))
+    return "{:+.3f} [{:+.3f}, {:+.3f}]".format(*t)
+
+
 def markdown(table: list[dict]) -> str:
-    head = ("| method | seeds | language acc | retention vs base (95% CI) | Δ log p(correct) (95% CI) | perplexity | "
-            "easy-vqa acc | yes/no | other | wall (s) |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| method | seeds | Δ chat NLL vs base (95% CI) | chat recovery (95% CI) | Δ text NLL vs base (95% CI) | "
+            "text recovery (95% CI) | p(end after 1st token) | easy-vqa acc | bigbench MC acc | "
+            "Δ log p(correct) (95% CI) | wall (s) |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in table:
-        p, lo, hi = r["retention"]
-        d, dlo, dhi = r["dlogp"]
-        lines.append(f"| {r['method']} | {','.join(map(str, r['seeds'])) or '—'} | {r['language_acc']} | "
-                     f"{100 * p:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] | {d:+.3f} [{dlo:+.3f}, {dhi:+.3f}] | "
-                     f"{r['perplexity']} | {r['vqa']} | {r['vqa_yes_no']} | {r['vqa_other']} | {r['wall_s']:.0f} |")
+        p_end = f"{r['p_end1']:.3g}" if "p_end1" in r else "—"
+        lines.append(f"| {r['method']} | {','.join(map(str, r['seeds'])) or '—'} | {_ci(r.get('d_chat'))} | "
+                     f"{_ci(r.get('rec_chat'), True)} | {_ci(r.get('d_text'))} | {_ci(r.get('rec_text'), True)} | "
+                     f"{p_end} | {r['vqa']} | {r['language_acc']} | {_ci(r['dlogp'])} | {r['wall_s']:.0f} |")
     return head + "\n".join(lines) + "\n"
 
 
-def plot(runs: dict, path: Path) -> None:
-    """Language accuracy vs easy-vqa accuracy, one point per run, one colour per method."""
+def plot(table: list[dict], path: Path) -> None:
+    """Language (Δ chat NLL vs the base LLM, lower is better) against easy-vqa accuracy: one point per method with
+    95% CI bars on both axes, the merge α sweep as a line from Full-Tuning."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    base = runs.get("base", [{}])[0].get("summary", {}).get("language_acc")
-    if base is not None:
-        ax.axhline(base, color="gray", ls="--", lw=1, label="base LLM (language)")
-    for method, recs in sorted(runs.items()):
-        pts = [(r["summary"]["vqa_acc"], r["summary"]["language_acc"]) for r in recs if "vqa_acc" in r["summary"]]
-        if pts:
-            ax.scatter(*zip(*pts), label=method, s=25)
-    ax.set_xlabel("easy-vqa accuracy")
-    ax.set_ylabel("bigbench accuracy (report tasks)")
+    pts = [r for r in table if "d_chat" in r and "vqa_ci" in r]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.axhline(0.0, color="gray", ls="--", lw=1, label="base LLM (no change)")
+    for r in pts:
+        if r["method"].startswith("merge_a"):
+            continue
+        (y, ylo, yhi), (x, xlo, xhi) = r["d_chat"], r["vqa_ci"]
+        ax.errorbar(x, y, yerr=[[y - ylo], [yhi - y]], xerr=[[x - xlo], [xhi - x]], fmt="o", ms=5, capsize=2,
+                    label=r["method"])
+    merge = sorted((r for r in pts if r["method"].startswith("merge_a")), key=lambda r: float(r["method"][7:]))
+    full = [r for r in pts if r["method"] == "full"]
+    if merge:
+        line = full + merge
+        ax.plot([r["vqa_ci"][0] for r in line], [r["d_chat"][0] for r in line], "k-", lw=1, alpha=0.6)
+        for r in merge:
+            (y, ylo, yhi), (x, xlo, xhi) = r["d_chat"], r["vqa_ci"]
+            ax.errorbar(x, y, yerr=[[y - ylo], [yhi - y]], xerr=[[x - xlo], [xhi - x]], fmt="s", color="k", ms=4,
+                        capsize=2, alpha=0.6)
+            ax.annotate(f"α={r['method'][7:]}", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("easy-vqa accuracy (test questions)")
+    ax.set_ylabel("Δ chat response NLL vs base LLM (nats; lower is better)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Software": None})
     plt.close(fig)
+
+
+def fill(md: Path, block: str, text: str) -> None:
+    """Replace the generated block `block` in `md` (or write `text` alone where the file has no such block)."""
+    start, end = f"<!-- generated:{block} -->", f"<!-- /generated:{block} -->"
+    page = md.read_text() if md.exists() else ""
+    if start in page and end in page:
+        head, rest = page.split(start, 1)
+        page = head + start + "\n" + text + end + rest.split(end, 1)[1]
+    else:
+        page = text
+    md.write_text(page)
+
+
+def write(runs_dir: Path, md: Path) -> Path:
+    """The table into `md`'s generated block and the plot beside it (`<md stem>.png`); returns the plot's path."""
+    table = rows(load_runs(runs_dir))
+    png = md.with_suffix(".png")
+    fill(md, "table", markdown(table))
+    plot(table, png)
+    return png

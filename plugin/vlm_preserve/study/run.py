@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
-from .evaluate import mc_eval, mean, perplexity, text_nll, vqa_eval
+from .evaluate import chat_pairs, mc_eval, mean, perplexity, reply_nll, text_nll, text_pairs, vqa_eval
 from .format import Collator, sample
 
 # method -> how its stage 2 differs from Full-Tuning. `regularizer`/configs go to attach(); `data`: "vqa" or
@@ -42,6 +42,8 @@ METHODS = {
 @dataclass
 class StudyConfig:
     out: str
+    runs_dir: str = ""                  # where each finished run's json goes; default <out>/runs (the table's:
+                                        # docs/results/runs, committed, so a fresh clone resumes)
     data_dir: str = ""                  # caches (bigbench, features, SmolLM2 folder); default <out>/data
     tiny: bool = False                  # tiny random Llama + byte tokenizer (tests, smoke runs)
     methods: tuple = ("full", "attention_tuning", "lora", "soft_label", "mix", "merge", "rdd_rbf", "rdd_linear",
@@ -61,6 +63,12 @@ class StudyConfig:
     report_cap: int = 250               # questions per report task (fixed subset)
     validation_cap: int = 0             # questions per validation task (0: not evaluated)
     ppl_texts: int = 300
+    # the loss-based language metrics (study/data.py: CHAT_TASK, TEXT_TASK): validation items choose settings,
+    # report items are the table's; text documents are scored on their first `text_tokens` tokens
+    language_validation: int = 300
+    language_report: int = 600
+    text_tokens: int = 96
+    vqa_validation_questions: int = 150   # from held-out training images (never trained on, never the test split)
     instruction_samples: int = 4000
     save_steps: int = 250
     bf16: bool = True                   # bf16 autocast where a GPU runs it (CPU: always fp32)
@@ -114,6 +122,22 @@ def idle_cores(window: float = 0.5) -> int:
         return n - int(os.getloadavg()[0] + 0.5)
 
 
+_GFLOPS: list = []
+
+
+def cpu_gflops() -> float:
+    """fp32 GEMM rate (1024³, this process's torch threads), measured once per process: machines here differ
+    several-fold, so every recorded timing carries the speed of the machine it ran on."""
+    if not _GFLOPS:
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        a @ b
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        _GFLOPS.append(round(5 * 2 * 1024 ** 3 / (time.perf_counter() - t0) / 1e9, 1))
+    return _GFLOPS[0]
+
+
 class Study:
     def __init__(self, cfg: StudyConfig):
         cfg.validate()
@@ -121,7 +145,9 @@ class Study:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.data_dir = Path(cfg.data_dir or self.out / "data")
-        for d in ("runs", "ckpt", "stage1", "models"):
+        self.runs_dir = Path(cfg.runs_dir or self.out / "runs")
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        for d in ("ckpt", "stage1", "models"):
             (self.out / d).mkdir(parents=True, exist_ok=True)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
@@ -170,9 +196,12 @@ class Study:
         instr = D.subsample(instr, c.instruction_samples, seed=1)
         ppl = [f"{q.input} {q.choices[q.answer]}" for t in c.tasks["perplexity"] for q in tasks[t]]
         ppl = D.subsample(ppl, c.ppl_texts, seed=2)
+        lang = D.language_sets(self.data_dir, c.language_validation, c.language_report)
+        val_vqa, val_f = D.cached_features(self.data_dir, "heldout", c.train_images)
         self._data = {"tok": tok, "train": train, "train_f": train_f, "test": test, "test_f": test_f,
                       "report": report, "validation": val, "instruction": instr, "ppl": ppl,
-                      "answers": D.easy_vqa_answers()}
+                      "answers": D.easy_vqa_answers(), "lang": lang,
+                      "val_vqa": D.subsample(val_vqa, c.vqa_validation_questions), "val_vqa_f": val_f}
         return self._data
 
     def train_rows(self, kind: str, seed: int, image_token_id: int, total: int) -> list[dict]:
@@ -224,8 +253,9 @@ class Study:
         shutil.rmtree(tr.args.output_dir, ignore_errors=True)
         return path
 
-    def stage2(self, method: str, seed: int):
-        """Instruction tuning with `method`; returns (the trained VLM, Trainer log history, wall seconds)."""
+    def stage2(self, method: str, seed: int, steps: int = 0, lr: float = 0.0, callbacks=(), run: str = ""):
+        """Instruction tuning with `method` (steps/lr: the config's unless given; `callbacks` see the Trainer);
+        returns (the trained VLM, Trainer log history, wall seconds)."""
         from .. import attach
         from ..regularizers import DistillConfig, RDDConfig
         from .model import adapter, build_vlm
@@ -240,9 +270,12 @@ class Study:
                                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                          "gate_proj", "up_proj", "down_proj"]))
             prefix = "llm.base_model.model"
-        rows = self.train_rows(spec.get("data", "vqa"), seed, vlm.config.image_token_id, c.steps * c.batch)
-        run_dir = self.out / "ckpt" / f"{method}_s{seed}"
-        tr = self.trainer(vlm, rows, run_dir, c.steps, c.lr, seed)
+        steps, lr = steps or c.steps, lr or c.lr
+        rows = self.train_rows(spec.get("data", "vqa"), seed, vlm.config.image_token_id, steps * c.batch)
+        run_dir = self.out / "ckpt" / (run or f"{method}_s{seed}")
+        tr = self.trainer(vlm, rows, run_dir, steps, lr, seed)
+        for cb in callbacks:
+            tr.add_callback(cb)
         handle = None
         if spec.get("regularizer"):
             kw = {}
@@ -251,7 +284,7 @@ class Study:
             if spec["regularizer"] == "distill":
                 kw["distill"], kw["teacher"] = DistillConfig(), self.load_llm()
             handle = attach(tr, spec["regularizer"], adapter=adapter(vlm, prefix), **kw)
-        print(f"[study] stage 2: {method}, seed {seed}: {c.steps} steps", flush=True)
+        print(f"[study] stage 2: {method}, seed {seed}: {steps} steps at lr {lr:g}", flush=True)
         t0 = time.time()
         tr.train(resume_from_checkpoint=_last_checkpoint(run_dir))
         wall = time.time() - t0
@@ -273,20 +306,39 @@ class Study:
         if d["validation"]:
             res["validation"] = mc_eval(llm, d["tok"], d["validation"])
         res["perplexity"] = text_nll(llm, d["tok"], d["ppl"])
+        res.update(self.language_nll(llm, "report"))
         if vlm is not None:
             vlm.to(self.device).eval()
             with tqdm(total=len(d["test"]), desc=f"easy-vqa ({label})", unit="q") as bar:
                 res["vqa"] = vqa_eval(vlm, d["tok"], d["test"], d["test_f"], d["answers"], progress=bar)
         return res
 
+    def language_nll(self, llm, split: str) -> dict:
+        """{chat: per-item reply NLL and p_end1, text: per-document NLL} on the `split` items."""
+        d, tok = self.data(), self.data()["tok"]
+        llm.to(self.device).eval()
+        end = tok.encode("<|im_end|>", add_special_tokens=False)[0]
+        return {"chat": reply_nll(llm, chat_pairs(tok, d["lang"]["chat"][split]), end),
+                "text": reply_nll(llm, text_pairs(tok, d["lang"]["text"][split], self.cfg.text_tokens))}
+
+    def validation_eval(self, vlm) -> dict:
+        """What choosing a setting may look at: the language metrics' validation items and easy-vqa questions on
+        held-out training images."""
+        d = self.data()
+        res = self.language_nll(vlm.llm, "validation")
+        vlm.to(self.device).eval()
+        res["vqa"] = vqa_eval(vlm, d["tok"], d["val_vqa"], d["val_vqa_f"], d["answers"])
+        return res
+
     # ---- the table ---------------------------------------------------------------------------------------
     def path(self, run: str) -> Path:
-        return self.out / "runs" / f"{run}.json"
+        return self.runs_dir / f"{run}.json"
 
     def write(self, run: str, method: str, seed, result: dict, wall: float, history=None) -> dict:
         rec = {"run": run, "method": method, "seed": seed, "wall_s": round(wall, 1),
                "config": {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "tasks"},
                "device": torch.cuda.get_device_name() if self.device == "cuda" else f"cpu ({os.cpu_count()} cores)",
+               "cpu_gflops": cpu_gflops(), "torch_threads": torch.get_num_threads(),
                "summary": summarize(result), "items": result,
                "train_log": [r for r in (history or []) if "loss" in r][-20:]}
         tmp = self.path(run).with_suffix(".tmp")
@@ -361,6 +413,7 @@ class Study:
 def summarize(res: dict) -> dict:
     s = {"language_acc": mean(r["acc"] for r in res["language"]), "language_n": len(res["language"]),
          "language_logp": mean(r["logp"] for r in res["language"]), "perplexity": perplexity(res["perplexity"])}
+    s.update(summarize_nll(res))
     if res.get("validation"):
         s["validation_acc"] = mean(r["acc"] for r in res["validation"])
     if "vqa" in res:
@@ -368,6 +421,18 @@ def summarize(res: dict) -> dict:
         s["vqa_yes_no_acc"] = mean(r["acc"] for r in res["vqa"] if r["yes_no"])
         s["vqa_other_acc"] = mean(r["acc"] for r in res["vqa"] if not r["yes_no"])
         s["vqa_n"] = len(res["vqa"])
+    return s
+
+
+def summarize_nll(res: dict) -> dict:
+    s = {}
+    if "chat" in res:
+        s.update(chat_nll=mean(r["nll"] for r in res["chat"]), chat_p_end1=mean(r["p_end1"] for r in res["chat"]),
+                 chat_n=len(res["chat"]))
+    if "text" in res:
+        s.update(text_nll=mean(r["nll"] for r in res["text"]), text_n=len(res["text"]))
+    if "vqa" in res and "language" not in res:
+        s["vqa_acc"] = mean(r["acc"] for r in res["vqa"])
     return s
 
 
