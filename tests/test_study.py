@@ -436,3 +436,19 @@ def test_sweep_rule_picks_the_smallest_admitted_setting(tmp_path):
     assert (chosen["lr"], chosen["step"]) == (1e-4, 50)
     md = tmp_path / "s.md"
     assert sweep.report(d, md) == chosen and "50 **chosen**" in md.read_text()
+
+
+def test_batched_scoring_equals_one_prompt_at_a_time():
+    """Left-padded prompts of different lengths with their own continuations score as each prompt alone."""
+    from vlm_preserve.study.evaluate import batch_continuation_logliks
+    llm, tok = _llm(), ByteTokenizer()
+    prompts = ["<|im_start|>user\nwhat?<|im_end|>\n", "a much longer prompt than the first one", "xy"]
+    conts = [[tok.encode("a"), tok.encode("bcd")], [tok.encode("ef"), tok.encode("g"), tok.encode("hijkl")],
+             [tok.encode("mn")]]
+    got = batch_continuation_logliks(llm, [text_embeds(llm, tok.encode(p))[0] for p in prompts], conts)
+    for p, cs, g in zip(prompts, conts, got):
+        assert g == pytest.approx(continuation_logliks(llm, text_embeds(llm, tok.encode(p)), cs), abs=1e-4)
+        for c, v in zip(cs, g):   # and as a plain full forward
+            ids = tok.encode(p)
+            logp = llm(torch.tensor([ids + c])).logits[0].log_softmax(-1)
+            assert v == pytest.approx(sum(float(logp[len(ids) - 1 + t, c[t]]) for t in range(len(c))), abs=1e-4)

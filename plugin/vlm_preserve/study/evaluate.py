@@ -18,21 +18,47 @@ from .format import answer_ids, prompt_ids
 def continuation_logliks(llm, prefix_embeds: torch.Tensor, conts: list[list[int]]) -> list[float]:
     """Summed log p(cont | prefix) for each continuation; `prefix_embeds` (1, P, H) are the decoder's input
     embeddings of the prompt (text, or text with projected image tokens)."""
-    if any(len(c) == 0 for c in conts):
+    return batch_continuation_logliks(llm, [prefix_embeds[0]], [conts])[0]
+
+
+@torch.inference_mode()
+def batch_continuation_logliks(llm, prefixes: list[torch.Tensor], conts: list[list[list[int]]]) -> list[list[float]]:
+    """For each prompt (P_i, H) its continuations' summed log-likelihoods. The prompts run as one left-padded
+    batch (attention mask, positions counted from each prompt's own start); each prompt's key/value cache is
+    repeated for its continuations, which run as one right-padded batch (padding after a continuation is never
+    read: attention is causal)."""
+    if any(len(c) == 0 for cs in conts for c in cs):
         raise ValueError("empty continuation")
-    out = llm.model(inputs_embeds=prefix_embeds, use_cache=True)
-    first = llm.lm_head(out.last_hidden_state[:, -1]).float().log_softmax(-1)[0]   # LM head only where scored
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(len(conts))
-    width = max(len(c) for c in conts)
-    ids = torch.tensor([c + [c[-1]] * (width - len(c)) for c in conts], device=prefix_embeds.device)
-    scores = [float(first[c[0]]) for c in conts]
-    if width > 1:  # right padding is harmless under causal attention: padded positions are never read
-        h = llm.model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True).last_hidden_state
-        logp = llm.lm_head(h).float().log_softmax(-1)
-        for k, c in enumerate(conts):
-            scores[k] += float(sum(logp[k, t - 1, c[t]] for t in range(1, len(c))))
-    return scores
+    dev, lens = prefixes[0].device, [p.shape[0] for p in prefixes]
+    width = max(lens)
+    emb = prefixes[0].new_zeros(len(prefixes), width, prefixes[0].shape[-1])
+    mask = torch.zeros(len(prefixes), width, dtype=torch.long, device=dev)
+    for i, p in enumerate(prefixes):
+        emb[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    out = llm.model(inputs_embeds=emb, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                    use_cache=True)
+    first = llm.lm_head(out.last_hidden_state[:, -1]).float().log_softmax(-1)   # LM head only where scored
+    rows = [(i, c) for i, cs in enumerate(conts) for c in cs]
+    scores = [float(first[i, c[0]]) for i, c in rows]
+    longest = max(len(c) for _, c in rows)
+    if longest > 1:
+        idx = torch.tensor([i for i, _ in rows], device=dev)
+        cache = out.past_key_values
+        cache.batch_select_indices(idx)
+        ids = torch.tensor([c[:-1] + [c[-1]] * (longest - len(c)) for _, c in rows], device=dev)
+        mask = torch.cat([mask[idx], torch.ones_like(ids)], 1)
+        pos = torch.tensor(lens, device=dev)[idx, None] + torch.arange(longest - 1, device=dev)
+        h = llm.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                      use_cache=True).last_hidden_state
+        for k, (_, c) in enumerate(rows):
+            if len(c) > 1:
+                logp = llm.lm_head(h[k, :len(c) - 1]).float().log_softmax(-1)
+                scores[k] += float(logp.gather(-1, torch.tensor(c[1:], device=dev)[:, None]).sum())
+    out, k = [], 0
+    for cs in conts:
+        out.append(scores[k:k + len(cs)])
+        k += len(cs)
+    return out
 
 
 def choice_outcome(scores: list[float], answer: int) -> float:
@@ -49,21 +75,23 @@ def text_embeds(llm, ids: list[int]) -> torch.Tensor:
     return llm.get_input_embeddings()(torch.tensor([ids], device=dev))
 
 
-def mc_eval(llm, tok, questions, progress=None, scorer=None) -> list[dict]:
+def mc_eval(llm, tok, questions, progress=None, scorer=None, batch: int = 16) -> list[dict]:
     """Per question: {task, acc (choice_outcome), logp (summed log-likelihood of the correct choice), n}.
     The question is the user turn; each choice is the assistant's reply. `scorer(question) -> scores` replaces
     the model (tests plant one)."""
     rows = []
-    for q in questions:
+    for s in range(0, len(questions), batch):
+        qs = questions[s:s + batch]
         if scorer is not None:
-            scores = scorer(q)
+            scores = [scorer(q) for q in qs]
         else:
-            prefix = text_embeds(llm, prompt_ids(tok, q.input))
-            scores = continuation_logliks(llm, prefix, [answer_ids(tok, c, close=False) for c in q.choices])
-        rows.append({"task": q.task, "acc": choice_outcome(scores, q.answer), "logp": scores[q.answer],
-                     "n": len(q.choices)})
+            scores = batch_continuation_logliks(llm, [text_embeds(llm, prompt_ids(tok, q.input))[0] for q in qs],
+                                                [[answer_ids(tok, c, close=False) for c in q.choices] for q in qs])
+        for q, sc in zip(qs, scores):
+            rows.append({"task": q.task, "acc": choice_outcome(sc, q.answer), "logp": sc[q.answer],
+                         "n": len(q.choices)})
         if progress is not None:
-            progress.update(1)
+            progress.update(len(qs))
     return rows
 
 
@@ -133,18 +161,21 @@ def perplexity(rows: list[dict]) -> float:
 
 
 @torch.inference_mode()
-def vqa_eval(vlm, tok, items, features: torch.Tensor, answers: list[str], progress=None) -> list[dict]:
+def vqa_eval(vlm, tok, items, features: torch.Tensor, answers: list[str], progress=None, batch: int = 16) -> list[dict]:
     """Per question: {acc, yes_no}: the answer among easy-vqa's closed set with the highest log-likelihood."""
     conts = [answer_ids(tok, a) for a in answers]
     dev = vlm.projector[0].weight.device
     rows = []
-    for it in items:
-        ids = torch.tensor([prompt_ids(tok, it.question, vlm.config.image_token_id, features.shape[1])], device=dev)
-        prefix = vlm.embed(ids, features[it.image][None].to(dev))
-        scores = continuation_logliks(vlm.llm, prefix, conts)
-        rows.append({"acc": choice_outcome(scores, answers.index(it.answer)), "yes_no": it.answer in ("yes", "no")})
+    for s in range(0, len(items), batch):
+        its = items[s:s + batch]
+        prefixes = [vlm.embed(torch.tensor([prompt_ids(tok, it.question, vlm.config.image_token_id,
+                                                       features.shape[1])], device=dev),
+                              features[it.image][None].to(dev))[0] for it in its]
+        for it, scores in zip(its, batch_continuation_logliks(vlm.llm, prefixes, [conts] * len(its))):
+            rows.append({"acc": choice_outcome(scores, answers.index(it.answer)),
+                         "yes_no": it.answer in ("yes", "no")})
         if progress is not None:
-            progress.update(1)
+            progress.update(len(its))
     return rows
 
 
