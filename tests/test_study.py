@@ -452,3 +452,22 @@ def test_batched_scoring_equals_one_prompt_at_a_time():
             ids = tok.encode(p)
             logp = llm(torch.tensor([ids + c])).logits[0].log_softmax(-1)
             assert v == pytest.approx(sum(float(logp[len(ids) - 1 + t, c[t]]) for t in range(len(c))), abs=1e-4)
+
+
+def test_demo_prints_degradation_recovery_and_time_left(tmp_path, capsys):
+    from vlm_preserve.cli.demo import demo
+    names = D.REPORT_TASKS + D.VALIDATION_TASKS + D.INSTRUCTION_TASKS + D.PERPLEXITY_TASKS
+    _planted_tarball(tmp_path / "bigbench-1.0.0.tar.gz", {**{n: _task(3) for n in names}, **_lang_tasks(8)})
+    assert demo(str(tmp_path / "out"), data_dir=str(tmp_path), tiny=True, train_images=6, test_images=3,
+                vqa_test_questions=4, stage1_steps=1, steps=2, batch=2, report_cap=1, ppl_texts=2,
+                language_validation=2, language_report=4, text_tokens=16, vqa_validation_questions=2,
+                instruction_samples=2, bf16=False) == 0
+    out = capsys.readouterr().out
+    for phase in ("eval:base (1/7)", "stage1 (2/7)", "train:full_s0 (3/7)", "eval:merge_a0.5_s0 (5/7)",
+                  "eval:rdd_rbf_s0 (7/7)"):
+        assert f"[demo] {phase}" in out and "min left" in out
+    table = out.split("[demo] language against the base LLM")[1]
+    assert "4 chat replies, 4 Wikipedia texts" in table
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"base", "full", "merge_a0.5", "rdd_rbf"}
+    assert "%" in rows["rdd_rbf"].split(" | ")[2] and "%" in rows["merge_a0.5"].split(" | ")[2]   # recovery

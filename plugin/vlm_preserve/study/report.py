@@ -92,7 +92,7 @@ def _ci_of_mean(xs: list[float]):
     return bootstrap([xs], lambda m: m[0])
 
 
-def _ci(t, pct: bool = False) -> str:
+def ci(t, pct: bool = False) -> str:
     if not t:
         return "—"
     if pct:
@@ -107,9 +107,9 @@ def markdown(table: list[dict]) -> str:
     lines = []
     for r in table:
         p_end = f"{r['p_end1']:.3g}" if "p_end1" in r else "—"
-        lines.append(f"| {r['method']} | {','.join(map(str, r['seeds'])) or '—'} | {_ci(r.get('d_chat'))} | "
-                     f"{_ci(r.get('rec_chat'), True)} | {_ci(r.get('d_text'))} | {_ci(r.get('rec_text'), True)} | "
-                     f"{p_end} | {r['vqa']} | {r['language_acc']} | {_ci(r['dlogp'])} | {r['wall_s']:.0f} |")
+        lines.append(f"| {r['method']} | {','.join(map(str, r['seeds'])) or '—'} | {ci(r.get('d_chat'))} | "
+                     f"{ci(r.get('rec_chat'), True)} | {ci(r.get('d_text'))} | {ci(r.get('rec_text'), True)} | "
+                     f"{p_end} | {r['vqa']} | {r['language_acc']} | {ci(r['dlogp'])} | {r['wall_s']:.0f} |")
     return head + "\n".join(lines) + "\n"
 
 

@@ -156,6 +156,8 @@ class Study:
             # 1): use only the cores that are idle now (at least one). OMP_NUM_THREADS overrides.
             torch.set_num_threads(max(1, min(os.cpu_count() or 1, idle_cores())))
         self._data = None
+        self.progress = lambda phase: None   # told each phase as it starts ("base", "stage1", "train:<run>",
+                                             # "eval:<run>"); the demo prints the time left from it
 
     # ---- parts -------------------------------------------------------------------------------------------
     def tokenizer(self):
@@ -245,6 +247,7 @@ class Study:
         vlm.llm.requires_grad_(False)
         c = self.cfg
         rows = self.train_rows("vqa", seed + 1000, vlm.config.image_token_id, c.stage1_steps * c.batch)
+        self.progress("stage1")
         print(f"[study] stage 1 (projector pretraining), seed {seed}: {c.stage1_steps} steps", flush=True)
         tr = self.trainer(vlm, rows, self.out / "ckpt" / f"stage1_s{seed}", c.stage1_steps, c.stage1_lr, seed)
         tr.train(resume_from_checkpoint=_last_checkpoint(tr.args.output_dir))
@@ -284,6 +287,7 @@ class Study:
             if spec["regularizer"] == "distill":
                 kw["distill"], kw["teacher"] = DistillConfig(), self.load_llm()
             handle = attach(tr, spec["regularizer"], adapter=adapter(vlm, prefix), **kw)
+        self.progress(f"train:{run_dir.name}")
         print(f"[study] stage 2: {method}, seed {seed}: {steps} steps at lr {lr:g}", flush=True)
         t0 = time.time()
         tr.train(resume_from_checkpoint=_last_checkpoint(run_dir))
@@ -350,6 +354,7 @@ class Study:
         """Every (method, seed) not yet in <out>/runs; returns the runs done now."""
         done = []
         if not self.path("base").exists():
+            self.progress("eval:base")
             t0 = time.time()
             self.write("base", "base", None, self.evaluate(self.load_llm(), label="base LLM"), time.time() - t0)
             done.append("base")
@@ -364,6 +369,7 @@ class Study:
                     vlm = self._load_full(seed)
                 else:
                     vlm, history, wall = self.stage2(method, seed)
+                    self.progress(f"eval:{run}")
                     t0 = time.time()
                     res = self.evaluate(vlm.llm, vlm, label=run)
                     if method == "full" and "merge" in self.cfg.methods:
@@ -400,6 +406,7 @@ class Study:
             run = f"merge_a{a}_s{seed}"
             if self.path(run).exists():
                 continue
+            self.progress(f"eval:{run}")
             t0 = time.time()
             merged = {k: (v.float() + a * sparsify(base[k].float() - v.float(), "none", 1.0)).to(v.dtype)
                       for k, v in tuned.items()}
