@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import needs_llava, run_entry, step_rows
+from conftest import ROOT, needs_llava, run_entry, step_rows
 from vlm_preserve.config import ConfigError
 from vlm_preserve.monitor import (LanguageMonitorConfig, encode, encode_all, language_nll, load_texts, nll_sum,
                                   untouched)
@@ -336,3 +336,26 @@ def test_llava_train_monitor_leaves_losses_unchanged_and_logs_the_checkpoints_va
                         "--slow-tokenizer"], capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert p.returncode == 0, p.stderr[-2000:]
     assert float(p.stdout.split("lang_nll")[-1]) == pytest.approx(logged, rel=1e-5)
+
+
+def test_zero3_every_rank_evaluates_and_the_losses_are_unchanged(tmp_path):
+    """DeepSpeed ZeRO-3 on 2 CPU ranks (gloo): every parameter is partitioned, so a forward only one rank ran would
+    hang the other (the launch has a timeout). With the monitor on every step, the losses equal those of the same
+    run without it, and the step-0 value equals the offline metric of the initial (unpartitioned) model."""
+    _needs_native()
+    pytest.importorskip("deepspeed")
+    import transformers
+    from distributed_helpers import launch, result, write_data
+    data = write_data(tmp_path)
+    texts = write_jsonl(tmp_path / "texts.jsonl", TEXTS)
+    worker = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              str(ROOT / "tests" / "distributed_worker.py"), "--data", str(data), "--stage", "3", "--regs", "rdd"]
+    launch(worker + ["--out", str(tmp_path / "off")], "ZeRO-3 without the monitor")
+    launch(worker + ["--out", str(tmp_path / "on"), "--monitor", str(texts)], "ZeRO-3 with the monitor")
+    off, on = result(tmp_path, "off", "rdd")["rows"], result(tmp_path, "on", "rdd")["rows"]
+    losses = [r["loss"] for r in off if "loss" in r]
+    assert len(losses) == 2 and [r["loss"] for r in on if "loss" in r] == losses
+    monitored = [r for r in on if "lang_nll" in r]
+    assert [r["step"] for r in monitored] == [0, 1, 2]
+    initial = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "model"))
+    assert monitored[0]["lang_nll"] == pytest.approx(language_nll(initial, word_tokenizer(), str(texts)), rel=1e-5)

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from .config import ConfigError
 
 BUILTIN = "builtin"
@@ -248,17 +250,14 @@ def language_nll(model, tokenizer, texts="builtin", max_tokens: int = 256) -> fl
 
 # ---- the Trainer callback --------------------------------------------------------------------------------------
 
-def _callback_base():
-    from transformers import TrainerCallback
-    return TrainerCallback
-
-
-class LanguageMonitor(_callback_base()):
+class LanguageMonitor(TrainerCallback):
     """Evaluates `lang_nll` at step 0 and every `steps` global steps and logs it through `trainer.log`."""
 
     def __init__(self, trainer, cfg: LanguageMonitorConfig, items: list[dict] | None = None, tokenizer=None):
         items = cfg.validate() if items is None else items
-        tokenizer = tokenizer or getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
+        for name in ("processing_class", "tokenizer"):  # transformers >= 4.46, and before
+            if tokenizer is None:
+                tokenizer = getattr(trainer, name, None)
         if tokenizer is None:
             raise ConfigError("the language monitor needs a tokenizer and the trainer has none: pass "
                               "add_language_monitor(trainer, ..., tokenizer=tok).")
