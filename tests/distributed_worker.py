@@ -130,7 +130,7 @@ def main(argv):
     p.add_argument("--stage", type=int, default=0, help="DeepSpeed ZeRO stage; 0: the single-process reference")
     p.add_argument("--fsdp", action="store_true", help="accelerate FSDP2 instead of DeepSpeed")
     p.add_argument("--ddp", action="store_true", help="the Trainer's own DDP (torchrun, neither DeepSpeed nor FSDP)")
-    p.add_argument("--monitor", default="", help="a language monitor text set, evaluated every step")
+    p.add_argument("--language_monitor", default="", help="a language monitor text set, evaluated every step")
     p.add_argument("--regs", default=",".join(r.replace(",", "+") for r in REGS))
     a = p.parse_args(argv)
     # Small chunks, so ranks with different visual-token counts (32 and 16 at step 1) run the PRe head a different
@@ -143,7 +143,7 @@ def main(argv):
         out = os.path.join(a.out, reg.replace(",", "+"))
         full = reg == REGS[-1]
         engine = dict(stage=a.stage or None, fsdp=a.fsdp, ddp=a.ddp)
-        result = {"rows": run(reg, out, data, save=full, monitor=a.monitor, **engine)}
+        result = {"rows": run(reg, out, data, save=full, monitor=a.language_monitor, **engine)}
         if full and (a.stage or a.fsdp or a.ddp):
             result["resumed"] = run(reg, out + "-resumed", data, save=False, resume=os.path.join(out, "checkpoint-1"),
                                     **engine)

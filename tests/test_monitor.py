@@ -351,7 +351,7 @@ def test_zero3_every_rank_evaluates_and_the_losses_are_unchanged(tmp_path):
     worker = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
               str(ROOT / "tests" / "distributed_worker.py"), "--data", str(data), "--stage", "3", "--regs", "rdd"]
     launch(worker + ["--out", str(tmp_path / "off")], "ZeRO-3 without the monitor")
-    launch(worker + ["--out", str(tmp_path / "on"), "--monitor", str(texts)], "ZeRO-3 with the monitor")
+    launch(worker + ["--out", str(tmp_path / "on"), "--language_monitor", str(texts)], "ZeRO-3 with the monitor")
     off, on = result(tmp_path, "off", "rdd")["rows"], result(tmp_path, "on", "rdd")["rows"]
     losses = [r["loss"] for r in off if "loss" in r]
     assert len(losses) == 2 and [r["loss"] for r in on if "loss" in r] == losses
