@@ -21,7 +21,7 @@ import sys
 import torch
 import transformers
 
-from vlm_preserve import DistillConfig, attach
+from vlm_preserve import DistillConfig, add_language_monitor, attach
 from vlm_preserve.regularizers import pre
 
 
@@ -85,7 +85,7 @@ def fsdp_on_cpu() -> None:
 
 
 def run(reg: str, out: str, data: dict, stage: int | None, save: bool, resume: str | None = None,
-        fsdp: bool = False, ddp: bool = False):
+        fsdp: bool = False, ddp: bool = False, monitor: str = ""):
     if fsdp:
         fsdp_on_cpu()
     if stage:
@@ -109,11 +109,14 @@ def run(reg: str, out: str, data: dict, stage: int | None, save: bool, resume: s
                 p.requires_grad_(False)
     trainer = InOrder(model=model, args=args, train_dataset=Items(data["batches"]), data_collator=lambda xs: xs[0])
     handle = attach(trainer, reg, distill=DistillConfig(distill_teacher=data["teacher"]) if "distill" in reg else None)
+    if monitor:  # the language monitor on every rank, every step (test_monitor.py)
+        from test_monitor import word_tokenizer
+        add_language_monitor(trainer, monitor, steps=1, tokenizer=word_tokenizer())
     trainer.train(resume_from_checkpoint=resume)
     if fsdp:  # really sharded (accelerate's silent DDP fallback would leave plain tensors), the PRe head included
         from torch.distributed.tensor import DTensor
         assert all(isinstance(p, DTensor) for p in trainer.model.parameters()), "the model was not sharded by FSDP"
-    rows = [r for r in trainer.state.log_history if "loss" in r]
+    rows = [r for r in trainer.state.log_history if "loss" in r or "lang_nll" in r]
     if not resume and save:
         trainer.save_model(os.path.join(out, "final"))  # ZeRO-3: gathered (stage3_gather_16bit_weights_on_model_save)
     handle.detach()
@@ -127,6 +130,7 @@ def main(argv):
     p.add_argument("--stage", type=int, default=0, help="DeepSpeed ZeRO stage; 0: the single-process reference")
     p.add_argument("--fsdp", action="store_true", help="accelerate FSDP2 instead of DeepSpeed")
     p.add_argument("--ddp", action="store_true", help="the Trainer's own DDP (torchrun, neither DeepSpeed nor FSDP)")
+    p.add_argument("--language_monitor", default="", help="a language monitor text set, evaluated every step")
     p.add_argument("--regs", default=",".join(r.replace(",", "+") for r in REGS))
     a = p.parse_args(argv)
     # Small chunks, so ranks with different visual-token counts (32 and 16 at step 1) run the PRe head a different
@@ -139,7 +143,7 @@ def main(argv):
         out = os.path.join(a.out, reg.replace(",", "+"))
         full = reg == REGS[-1]
         engine = dict(stage=a.stage or None, fsdp=a.fsdp, ddp=a.ddp)
-        result = {"rows": run(reg, out, data, save=full, **engine)}
+        result = {"rows": run(reg, out, data, save=full, monitor=a.language_monitor, **engine)}
         if full and (a.stage or a.fsdp or a.ddp):
             result["resumed"] = run(reg, out + "-resumed", data, save=False, resume=os.path.join(out, "checkpoint-1"),
                                     **engine)

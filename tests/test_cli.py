@@ -55,7 +55,7 @@ def test_help_lists_our_flags():
     p, _ = llava_train(["--help"])
     assert p.returncode == 0
     for flag in ("--regularizer", "--rdd_weight", "--rdd_kernel", "--rdd_max_tokens", "--pre_layer", "--pre_anchor",
-                 "--soft_label_alpha"):
+                 "--soft_label_alpha", "--language_monitor", "--language_monitor_steps"):
         assert flag in p.stdout
 
 
@@ -95,9 +95,10 @@ def test_readme_flag_table_matches_the_config_definitions():
     import dataclasses
 
     from vlm_preserve.cli.launch import LaunchArguments
+    from vlm_preserve.monitor import LanguageMonitorConfig
     from vlm_preserve.regularizers import CONFIG_CLASSES
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for cls in CONFIG_CLASSES:
+    for cls in CONFIG_CLASSES + (LanguageMonitorConfig,):
         for f in dataclasses.fields(cls):
             shown = f"`{f.default}`" if f.default != "" else "(empty)"
             assert f"| `--{f.name}` | {shown} |" in readme, f.name

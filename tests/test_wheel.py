@@ -47,3 +47,6 @@ def test_wheel_installs_in_a_fresh_venv_and_its_console_scripts_run(tmp_path):
     expected = [str(len(json.loads((ROOT / "patches" / u / "symbols.json").read_text())["symbols"]))
                 for u in ("llava", "bunny", "nvila")]
     assert shipped == expected
+    # so does the language monitor's builtin text set
+    code = "from vlm_preserve.monitor import load_texts; print(len(load_texts('builtin')))"
+    assert sh(venv / "bin" / "python", "-c", code, cwd=tmp_path, env=env).stdout.split() == ["40"]

@@ -13,6 +13,7 @@ _LAZY = {
     "RDDConfig": "regularizers.rdd", "PReConfig": "regularizers.pre",
     "DistillConfig": "regularizers.distill", "SoftLabelConfig": "regularizers.soft_label",
     "PreserveArguments": "config", "ConfigError": "config", "StepCapture": "capture",
+    "add_language_monitor": "monitor", "LanguageMonitorConfig": "monitor", "language_nll": "monitor",
 }
 __all__ = sorted(_LAZY)
 

@@ -5,6 +5,9 @@
     trainer.train()
     handle.detach()                      # the trainer and model are back as they were
 
+A language monitor (`lang_nll` logged during training, `monitor.py`) comes with `monitor=LanguageMonitorConfig(...)`,
+or alone, without any regularizer: `add_language_monitor(trainer, "builtin", steps=50)`.
+
 The config objects are the ones the CLI flags are generated from (one definition each). Attach before
 `trainer.train()` creates the optimizer, so PRe's head is trained.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 from .adapters import resolve_adapter
 from .attachment import Attachment
 from .config import PreserveArguments
+from .monitor import LanguageMonitor, LanguageMonitorConfig, monitored_trainer_class
 from .regularizers import DistillConfig, PReConfig, RDDConfig, SoftLabelConfig, validate
 
 
@@ -28,8 +32,8 @@ def make_configs(regularizer: str = "none", *, rdd: RDDConfig | None = None, pre
 class TrainerHandle:
     """What `attach(trainer, ...)` returns: the trainer, with `detach()` restoring its class and model."""
 
-    def __init__(self, trainer, original_class):
-        self.trainer, self._original = trainer, original_class
+    def __init__(self, trainer, original_class, monitor: LanguageMonitor | None = None):
+        self.trainer, self._original, self.monitor = trainer, original_class, monitor
 
     @property
     def attachment(self) -> Attachment:
@@ -37,6 +41,8 @@ class TrainerHandle:
 
     def detach(self) -> None:
         t = self.trainer
+        if self.monitor is not None:
+            t.remove_callback(self.monitor)
         t._vp.detach()
         t.__class__ = self._original
         for name in ("_vp", "preserver", "_vp_logs", "_vp_micro"):
@@ -45,10 +51,12 @@ class TrainerHandle:
 
 def attach(target, regularizer: str = "rdd", *, rdd: RDDConfig | None = None, pre: PReConfig | None = None,
            distill: DistillConfig | None = None, soft_label: SoftLabelConfig | None = None, adapter=None,
-           teacher=None):
+           teacher=None, monitor: LanguageMonitorConfig | None = None):
     """Attach to a Trainer (returns a TrainerHandle) or to a model (returns an Attachment).
-    `teacher`: distill's original LLM as a loaded module (else loaded from `distill.distill_teacher`)."""
+    `teacher`: distill's original LLM as a loaded module (else loaded from `distill.distill_teacher`).
+    `monitor`: also log the language monitor (Trainers only)."""
     configs = make_configs(regularizer, rdd=rdd, pre=pre, distill=distill, soft_label=soft_label)
+    items = monitor.validate() if monitor is not None else []  # a bad text set fails before anything changes
     try:
         from transformers import Trainer
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -62,10 +70,18 @@ def attach(target, regularizer: str = "rdd", *, rdd: RDDConfig | None = None, pr
         target.__class__ = preserving_trainer_class(original, configs, adapter, teacher)
         try:
             target._vp_setup(configs, adapter, teacher)
+            watcher = LanguageMonitor(target, monitor, items) if items else None
         except Exception:
+            if hasattr(target, "_vp"):
+                target._vp.detach()
             target.__class__ = original
             raise
-        return TrainerHandle(target, original)
+        if watcher is not None:
+            target.add_callback(watcher)
+        return TrainerHandle(target, original, watcher)
+    if items:
+        raise TypeError("vlm-preserve: the language monitor needs a Trainer (it logs through it); attach to the "
+                        "trainer, or call language_nll(model, tokenizer) yourself.")
     return Attachment(target, configs, resolve_adapter(target, adapter), teacher=teacher)
 
 
@@ -75,11 +91,14 @@ def detach(handle) -> None:
 
 def preserving_class(base: type, regularizer: str = "rdd", *, rdd: RDDConfig | None = None,
                      pre: PReConfig | None = None, distill: DistillConfig | None = None,
-                     soft_label: SoftLabelConfig | None = None, adapter=None) -> type:
+                     soft_label: SoftLabelConfig | None = None, adapter=None,
+                     monitor: LanguageMonitorConfig | None = None) -> type:
     """A subclass of the Trainer class `base` whose instances attach the regularizers when constructed.
 
     For frameworks that build their trainer inside their own code: rebind their module's name to it before
-    their entry point runs (docs/frameworks.md), e.g. `workflow.CustomSeq2SeqTrainer = preserving_class(...)`."""
+    their entry point runs (docs/frameworks.md), e.g. `workflow.CustomSeq2SeqTrainer = preserving_class(...)`.
+    `monitor`: its instances also log the language monitor."""
     from .trainer import preserving_trainer_class
     configs = make_configs(regularizer, rdd=rdd, pre=pre, distill=distill, soft_label=soft_label)
-    return preserving_trainer_class(base, configs, adapter)
+    cls = preserving_trainer_class(base, configs, adapter)
+    return monitored_trainer_class(cls, monitor) if monitor is not None and monitor.enabled else cls

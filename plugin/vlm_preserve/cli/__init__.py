@@ -1,4 +1,4 @@
-"""`vlm-preserve`: the command group: check-upstream, demo, study, diagnose, merge, extract-llm, eval-language."""
+"""`vlm-preserve`: the command group: check-upstream, demo, study, diagnose, merge, extract-llm, eval-language, lang-nll."""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     offline.register(sub)
 
     args = p.parse_args(argv)
-    if args.command in ("merge", "extract-llm", "eval-language"):
+    if args.command in ("merge", "extract-llm", "eval-language", "lang-nll"):
         return offline.run(args)
     if args.command == "check-upstream":
         from ..upstream_check import check_upstream

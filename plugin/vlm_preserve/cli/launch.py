@@ -2,7 +2,7 @@
 
 Our flags are parsed (and validated, before any model loads) with the same HfArgumentParser dialect the
 upstreams use; the rest of the command line goes to upstream `train()` untouched. With
-`--regularizer none` (the default) nothing is patched: the run is plain upstream.
+`--regularizer none` (the default) and no `--language_monitor`, nothing is patched: the run is plain upstream.
 """
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ class LaunchArguments:
 def _parser(spec: UpstreamSpec):
     from transformers import HfArgumentParser
 
+    from ..monitor import LanguageMonitorConfig
     from ..regularizers import CONFIG_CLASSES
-    extra = (LaunchArguments,) if spec.passes_attn_implementation else ()
+    extra = (LanguageMonitorConfig,) + ((LaunchArguments,) if spec.passes_attn_implementation else ())
     extra += (spec.extra_arguments,) if spec.extra_arguments else ()
     return HfArgumentParser(CONFIG_CLASSES + extra, allow_abbrev=False, prog=spec.command,
                             description=f"Upstream {spec.package} train() with vlm-preserve regularizers. "
@@ -98,6 +99,7 @@ def preflight(spec: UpstreamSpec, upstream, configs: dict, names: list[str], ups
 def run(spec: UpstreamSpec, argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     from ..config import ConfigError
+    from ..monitor import LanguageMonitorConfig
     from ..regularizers import CONFIG_CLASSES, DistillConfig, validate
 
     parser = _parser(spec)
@@ -109,9 +111,11 @@ def run(spec: UpstreamSpec, argv: list[str] | None = None) -> None:
     *cfgs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     extra = cfgs.pop() if spec.extra_arguments else None
     launch = cfgs.pop() if spec.passes_attn_implementation else None
+    monitor = cfgs.pop()
     configs = {type(c): c for c in cfgs}
     try:
         names = validate(configs, given_flags(argv, [f.name for c in CONFIG_CLASSES for f in dataclasses.fields(c)]))
+        monitor_items = monitor.validate(given_flags(argv, [f.name for f in dataclasses.fields(LanguageMonitorConfig)]))
     except ConfigError as e:
         _fail(spec, str(e))
     if "distill" in names and not spec.data_module:
@@ -147,6 +151,10 @@ def run(spec: UpstreamSpec, argv: list[str] | None = None) -> None:
             if "distill" in names:
                 install_route_field(patches, importlib.import_module(spec.data_module),
                                     configs[DistillConfig].distill_route_field)
+        if monitor_items:  # on top of the class above, if any: the monitor alone adds only its callback
+            from ..monitor import monitored_trainer_class
+            patches.setattr(upstream, spec.trainer,
+                            monitored_trainer_class(getattr(upstream, spec.trainer), monitor, monitor_items))
         old_argv = sys.argv
         sys.argv = [old_argv[0] if old_argv else spec.command] + rest
         try:

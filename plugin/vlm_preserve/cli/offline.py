@@ -1,4 +1,4 @@
-"""The offline checkpoint tools of `vlm-preserve`: merge, extract-llm, eval-language (no trainer involved)."""
+"""The offline checkpoint tools of `vlm-preserve`: merge, extract-llm, eval-language, lang-nll (no trainer involved)."""
 from __future__ import annotations
 
 import sys
@@ -43,6 +43,16 @@ def register(sub) -> None:
     v.add_argument("--device", default="cpu")
     v.add_argument("--out", required=True, help="Output folder for the report and the extracted LLMs.")
 
+    n = sub.add_parser("lang-nll", help="The language monitor's metric (lang_nll, mean token NLL on a text set) for "
+                                        "checkpoints: the VLM's language model, called text-only.")
+    n.add_argument("model", nargs="+", help="Checkpoint folders: a VLM (its LLM is extracted first) or a plain CausalLM.")
+    n.add_argument("--texts", default="builtin", help="'builtin' or a jsonl path, as --language_monitor (default builtin).")
+    n.add_argument("--max-tokens", type=int, default=256, help="As --language_monitor_max_tokens (default 256).")
+    n.add_argument("--slow-tokenizer", action="store_true",
+                   help="Load the slow tokenizer (use_fast=False), as upstream LLaVA trains: use what training used.")
+    n.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    n.add_argument("--device", default="cpu")
+
 
 def run(args) -> int:
     from ..config import ConfigError
@@ -55,6 +65,12 @@ def run(args) -> int:
         elif args.command == "extract-llm":
             from ..extract import extract_llm
             print(extract_llm(args.vlm, args.out))
+        elif args.command == "lang-nll":
+            from ..monitor import checkpoint_nll
+            for path in args.model:
+                value = checkpoint_nll(path, args.texts, max_tokens=args.max_tokens, use_fast=not args.slow_tokenizer,
+                                       dtype=args.dtype, device=args.device)
+                print(f"{path}\tlang_nll {value:.6f}")
         else:
             from ..eval_language import eval_language
             report = eval_language(args.base, args.vlm, args.tasks.split(","), args.out, limit=args.limit,
