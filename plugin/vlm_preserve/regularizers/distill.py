@@ -1,5 +1,5 @@
-"""LinguDistill — distil language ability back from the frozen original LLM (../shared/papers/lingudistill-*.txt,
-arXiv 2604.00829; our reading in ../shared/METHODS.md §3).
+"""LinguDistill — distil language ability back from the frozen original LLM (LinguDistill,
+arXiv 2604.00829; our reading in docs/distill.md).
 
 The teacher is the LLM the VLM was built from: frozen, eval mode, no grad, never a submodule of the student
 (so no optimizer state, never in a checkpoint or an export). It has no vision, so it sees the image through

@@ -1,4 +1,4 @@
-"""PRe — Predictive Regularization (../shared/papers/pre-predictive-regularization-*.txt).
+"""PRe — Predictive Regularization (the PRe paper).
 
 A throw-away predictor head makes the visual tokens of a middle decoder layer predict the initial
 visual features:

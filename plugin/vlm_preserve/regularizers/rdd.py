@@ -1,4 +1,4 @@
-"""RDD — Representation Distribution Difference loss (RRVLM, ../shared/papers/rrvlm-representation-regulation.txt).
+"""RDD — Representation Distribution Difference loss (the RRVLM paper on representation regulation).
 
 Pulls the distribution of text token embeddings T towards the distribution of projected visual
 embeddings V (both are the inputs of the first decoder layer), with the squared kernel MMD

@@ -1,6 +1,6 @@
 """The study's data: easy-vqa images as cached EfficientNet-Lite0 features, bigbench tasks read from the sdist.
 
-Everything comes from PyPI packages (../shared/RESOURCES.md). Each source is cached under the data dir as a plain
+Everything comes from PyPI packages (docs/study.md). Each source is cached under the data dir as a plain
 file (features .pt, tasks .json), so the second run and every other row of the table reads the cache.
 
 Task split (fixed here, before any result was seen; a task is in exactly one role):
