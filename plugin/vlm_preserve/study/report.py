@@ -12,7 +12,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .evaluate import mean, paired_bootstrap, recovery
+from .evaluate import bootstrap, mean, paired_bootstrap, recovery
 
 ORDER = ["base", "full", "attention_tuning", "lora", "soft_label", "mix", "merge", "rdd_rbf", "rdd_linear", "rdd_l2",
          "pre", "distill", "rdd_pre"]
@@ -88,7 +88,6 @@ def rows(runs: dict) -> list[dict]:
 
 
 def _ci_of_mean(xs: list[float]):
-    from .evaluate import bootstrap
     return bootstrap([xs], lambda m: m[0])
 
 

@@ -441,8 +441,6 @@ def summarize_nll(res: dict) -> dict:
                  chat_n=len(res["chat"]))
     if "text" in res:
         s.update(text_nll=mean(r["nll"] for r in res["text"]), text_n=len(res["text"]))
-    if "vqa" in res and "language" not in res:
-        s["vqa_acc"] = mean(r["acc"] for r in res["vqa"])
     return s
 
 

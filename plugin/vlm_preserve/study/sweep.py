@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -74,7 +75,6 @@ def run(study, out: Path, lrs=LRS, steps=STEPS, seed: int = 0) -> list[str]:
                 print(f"[sweep] lr {lr:g} step {state.global_step}: stored ({time.time() - t0:.0f} s to evaluate)",
                       flush=True)
         study.stage2("full", seed, steps=max(steps), lr=lr, callbacks=[Probe()], run=f"sweep_lr{lr:g}")
-        import shutil
         shutil.rmtree(study.out / "ckpt" / f"sweep_lr{lr:g}", ignore_errors=True)
     return done
 
