@@ -2,6 +2,7 @@
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,38 @@ def test_launch_script_flags_are_all_known(script, reg):
     _, unknown = up.parse_known_args(rest)
     assert unknown == []
     assert "--deepspeed" in rest and Path(rest[rest.index("--deepspeed") + 1]).exists()
+
+
+def test_test_command_refuses_a_source_variable_that_is_not_a_checkout(tmp_path):
+    p = subprocess.run(["bash", ROOT / "scripts" / "test.sh"], capture_output=True, text=True,
+                       env=dict(os.environ, VLM_PRESERVE_BUNNY_SRC=str(tmp_path)))
+    assert p.returncode == 2 and f"VLM_PRESERVE_BUNNY_SRC={tmp_path} has no bunny/train/train.py" in p.stderr
+    assert "[test] environment" not in p.stdout  # nothing was built or run
+
+
+def test_a_skip_in_an_upstream_test_file_fails_its_environment(tmp_path):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "pyproject.toml").write_text("[tool.pytest.ini_options]\n")
+    (tmp_path / "tests" / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "tests" / "test_bunny.py").write_text(
+        "import pytest\n\ndef test_runs():\n    pass\n\ndef test_skipped():\n    pytest.skip('no GPU')\n")
+
+    def pytest_in(env):
+        return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests/test_bunny.py"],
+                              cwd=tmp_path, capture_output=True, text=True,
+                              env=dict(os.environ, VLM_PRESERVE_TEST_ENV=env))
+    strict, elsewhere = pytest_in("bunny"), pytest_in("llava")
+    assert strict.returncode == 1, strict.stdout[-2000:]
+    assert "1 skip(s) in tests/test_bunny.py" in strict.stdout and "test_skipped" in strict.stdout
+    assert elsewhere.returncode == 0, elsewhere.stdout[-2000:]
+
+
+def test_fetch_upstreams_names_a_missing_pin(tmp_path):
+    mirror = tmp_path / "mirror"
+    for cmd in (["init", "-q", str(mirror)], ["-C", str(mirror), "-c", "user.name=t", "-c", "user.email=t@t",
+                                              "commit", "-q", "--allow-empty", "-m", "not the pin"]):
+        subprocess.run(["git", *cmd], check=True)
+    p = subprocess.run(["bash", ROOT / "scripts" / "fetch_upstreams.sh", tmp_path / "out"], capture_output=True,
+                       text=True, env=dict(os.environ, VLM_PRESERVE_BUNNY_URL=str(mirror)))
+    assert p.returncode == 1 and "commit 08273acbd83b6836c03dce25cc134eb6b9cedba5 not found" in p.stderr
+    assert "export" not in p.stdout
