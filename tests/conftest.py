@@ -13,7 +13,9 @@ def _has_llava() -> bool:
     try:
         import llava.train.train  # noqa: F401
         return True
-    except Exception:
+    except ModuleNotFoundError as e:
+        if e.name != "llava":  # llava is there but broken (a missing dependency): that must fail, not skip
+            raise
         return False
 
 
@@ -45,6 +47,13 @@ def run_entry(kind: str, args: list, check: bool = True) -> subprocess.Completed
 
 def log_history(output_dir) -> list[dict]:
     return json.loads((Path(output_dir) / "trainer_state.json").read_text())["log_history"]
+
+
+def paired(a: list, b: list) -> zip:
+    """zip for equality tests over logged values: refuses empty or unequal sequences, so a test cannot pass because
+    nothing (or not the same steps) was logged."""
+    assert a and len(a) == len(b), f"expected two non-empty sequences of equal length, got {len(a)} and {len(b)}"
+    return zip(a, b)
 
 
 def step_rows(output_dir) -> list[dict]:

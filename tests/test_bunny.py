@@ -2,7 +2,6 @@
 
 Bunny is not on PyPI: these tests run where a checkout is given (VLM_PRESERVE_BUNNY_SRC, see
 third_party/bunny/README.md; scripts/test.sh then builds the bunny environment) and skip elsewhere."""
-import json
 import math
 import os
 import subprocess
@@ -24,7 +23,7 @@ except ModuleNotFoundError as e:
 from safetensors.torch import load_file  # noqa: E402
 
 from vlm_preserve.fixtures import bunny_train_args, build_tiny_bunny  # noqa: E402
-from conftest import step_rows as rows  # noqa: E402
+from conftest import paired, step_rows as rows  # noqa: E402
 
 MODEL_TYPES = ["phi-2", "qwen1.5-1.8b"]
 
@@ -76,7 +75,7 @@ def test_regularizers_train_log_and_stay_out_of_the_export(fx, tmp_path, reg, te
 def test_gradient_checkpointing_on_equals_off(fx, tmp_path):
     for gc in ("False", "True"):
         run("plugin", bunny_train_args(fx, tmp_path / gc, gradient_checkpointing=gc) + ["--regularizer", "rdd,pre"])
-    for a, b in zip(rows(tmp_path / "False"), rows(tmp_path / "True")):
+    for a, b in paired(rows(tmp_path / "False"), rows(tmp_path / "True")):
         for k in ("loss", "lm_loss", "rdd_loss", "pre_loss"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, a, b)
 
@@ -91,7 +90,7 @@ def test_resume_equals_uninterrupted(fx, tmp_path):
     a = [r for r in rows(tmp_path / "full") if r["step"] > 3]
     b = [r for r in rows(tmp_path / "res") if r["step"] > 3]
     assert [r["step"] for r in b] == [4, 5, 6]
-    for x, y in zip(a, b):
+    for x, y in paired(a, b):
         for k in ("loss", "rdd_loss", "pre_loss"):
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), (k, x, y)
 

@@ -3,7 +3,6 @@ exactly what the student sees when its weights are the student's LLM, so KL and 
 gradient checkpointing, and the Trainer path (logged, student-only gradients, teacher unchanged and never
 saved). Upstream LLaVA's side is in test_distill_llava.py."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
 from safetensors.torch import load_file  # noqa: E402
 
 from native_helpers import build, make_batch  # noqa: E402
-from test_native_trainer import Batches, rows, trainer_for  # noqa: E402
+from test_native_trainer import rows, trainer_for  # noqa: E402
 from vlm_preserve import ConfigError, DistillConfig, attach  # noqa: E402
 from vlm_preserve.adapters import transformers_native as native  # noqa: E402
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import needs_llava, run_entry, step_rows
+from conftest import needs_llava, paired, run_entry, step_rows
 from test_llava_train import weights
 
 pytestmark = needs_llava
@@ -118,7 +118,7 @@ def test_gradient_checkpointing_on_equals_off(tiny_llava, tmp_path):
         run_entry("plugin", tiny_llava.train_args(tmp_path / gc, gradient_checkpointing=gc)
                   + ["--regularizer", "distill", "--distill_route", "all"])
     a, b = step_rows(tmp_path / "False"), step_rows(tmp_path / "True")
-    for x, y in zip(a, b):
+    for x, y in paired(a, b):
         assert math.isclose(x["loss"], y["loss"], rel_tol=1e-4) and math.isclose(
             x["distill_loss"], y["distill_loss"], rel_tol=1e-3, abs_tol=1e-7)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import needs_llava, run_entry, step_rows
+from conftest import needs_llava, paired, run_entry, step_rows
 
 pytestmark = needs_llava
 
@@ -91,7 +91,7 @@ def test_gradient_checkpointing_on_equals_off(tiny_llava, tmp_path):
         run_entry("plugin", tiny_llava.train_args(tmp_path / gc, gradient_checkpointing=gc)
                   + ["--regularizer", "rdd,pre"])
     off, on = step_rows(tmp_path / "False"), step_rows(tmp_path / "True")
-    for a, b in zip(off, on):
+    for a, b in paired(off, on):
         for k in ("loss", "lm_loss", "rdd_loss", "pre_loss"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, a, b)
 
@@ -110,7 +110,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tiny_llava, tmp_path):
     a = [r for r in step_rows(full) if r["step"] > 3]
     b = [r for r in step_rows(resumed) if r["step"] > 3]  # log_history carries the checkpoint's rows
     assert [r["step"] for r in b] == [4, 5, 6]
-    for x, y in zip(a, b):
+    for x, y in paired(a, b):
         for k in ("loss", "lm_loss", "rdd_loss", "pre_loss"):
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), (k, x, y)
     wa, wb = weights(full), weights(resumed)

@@ -3,12 +3,9 @@ formula exactly, everything else is byte-identical, added-token rows are the VLM
 inputs fail naming the tensor, and the output loads with the VLM's own class."""
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch

@@ -14,8 +14,7 @@ import torch
 
 from conftest import ROOT, needs_llava, run_entry, step_rows
 from vlm_preserve.config import ConfigError
-from vlm_preserve.monitor import (LanguageMonitorConfig, encode, encode_all, language_nll, load_texts, nll_sum,
-                                  untouched)
+from vlm_preserve.monitor import LanguageMonitorConfig, encode, encode_all, language_nll, load_texts, nll_sum
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")

@@ -28,7 +28,7 @@ except ModuleNotFoundError as e:
 from safetensors.torch import load_file  # noqa: E402
 
 from vlm_preserve.fixtures import build_tiny_nvila, nvila_train_args  # noqa: E402
-from conftest import step_rows as rows  # noqa: E402
+from conftest import paired, step_rows as rows  # noqa: E402
 
 UPSTREAM = ("from vlm_preserve.cli.nvila_train import cpu_compat; from vlm_preserve.patching import Patches; "
             "import runpy; cpu_compat(Patches()); "
@@ -99,7 +99,7 @@ def test_terms_reach_the_gradients(fx, tmp_path):
 def test_gradient_checkpointing_on_equals_off(fx, tmp_path):
     for gc in ("False", "True"):
         run(fx, "plugin", nvila_train_args(fx, tmp_path / gc, gradient_checkpointing=gc) + ["--regularizer", "rdd,pre"])
-    for a, b in zip(rows(tmp_path / "False"), rows(tmp_path / "True"), strict=True):
+    for a, b in paired(rows(tmp_path / "False"), rows(tmp_path / "True")):
         for k in ("loss", "lm_loss", "rdd_loss", "pre_loss"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, a, b)
 
@@ -193,3 +193,4 @@ def test_launch_script_flags_are_all_known():
     assert ours.regularizer == "rdd,pre"
     up = transformers.HfArgumentParser((upstream.ModelArguments, upstream.DataArguments, upstream.TrainingArguments))
     assert up.parse_known_args(rest)[1] == []
+    assert Path(rest[rest.index("--deepspeed") + 1]).is_file()

@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 from vlm_preserve.study import data as D  # noqa: E402
 from vlm_preserve.study.evaluate import (choice_outcome, continuation_logliks, mc_eval, paired_bootstrap,  # noqa: E402
                                          perplexity, text_embeds, text_nll)
-from vlm_preserve.study.format import IGNORE, Collator, sample  # noqa: E402
+from vlm_preserve.config import IGNORE_INDEX as IGNORE  # noqa: E402
+from vlm_preserve.study.format import Collator, sample  # noqa: E402
 from vlm_preserve.study.model import ByteTokenizer, build_vlm, tiny_llm_config  # noqa: E402
 
 

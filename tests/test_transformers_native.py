@@ -1,7 +1,6 @@
 """transformers-native VLMs (5.x layout) through the Python API: image masks against where the model put
 the image features, gradients, invisibility when detached, gradient checkpointing, text-only batches, and
 the Trainer path (terms logged, heads in checkpoints, resume, clean save_pretrained)."""
-import math
 
 import pytest
 import torch

@@ -21,7 +21,7 @@ import struct
 import threading
 from pathlib import Path
 
-from .config import ConfigError
+from .config import HEADS_FILE, HEADS_PREFIX, ConfigError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -33,8 +33,8 @@ LLAVA_NON_LLM = ("model.mm_projector.", "model.vision_tower.", "model.vision_res
 LAYOUTS = ("llava", "native-new", "native-old", "nvila", "causal-lm")
 # What a Trainer checkpoint folder holds besides the model (a `zero_to_fp32` output is often written there):
 # the plugin's training-only heads and the trainer's own state. Never model weights.
-TRAINING_ONLY_PREFIX = "vlm_preserve_heads."  # regularizers.HEADS_PREFIX: zero_to_fp32 writes the heads too
-NON_MODEL_FILES = ("vlm_preserve_heads.safetensors", "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
+TRAINING_ONLY_PREFIX = HEADS_PREFIX + "."  # zero_to_fp32 writes the heads too
+NON_MODEL_FILES = (HEADS_FILE, "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
 # Embedding-shaped tensors whose extra VLM rows are tokens the VLM added (`<image>`, ...).
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "embed_out.weight", "wte.weight")
 

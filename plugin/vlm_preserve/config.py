@@ -6,6 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# The label value upstream LLaVA/Bunny/NVILA and transformers all skip in the LM loss (check-upstream verifies it).
+IGNORE_INDEX = -100
+# The plugin's training-only heads: their parameter prefix in the model and their file in a checkpoint folder.
+HEADS_PREFIX = "vlm_preserve_heads"
+HEADS_FILE = HEADS_PREFIX + ".safetensors"
+
+
 class ConfigError(ValueError):
     """Bad user input: the message says what was wrong, what was expected, and what to do."""
 

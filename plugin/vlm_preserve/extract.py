@@ -10,7 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .checkpoints import Checkpoint, ShardWriter, atomic_dir, llm_name, shard_names, write_index, _nbytes
+from .checkpoints import Checkpoint, ShardWriter, atomic_dir, llm_name, shard_names, write_index
 from .config import ConfigError
 
 # Upstream LLaVA/Bunny register their own model_type on top of a stock LLM's config.

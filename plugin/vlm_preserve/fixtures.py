@@ -114,7 +114,6 @@ def _start(root, seed: int, vision: str) -> tuple[TinyLlavaFixture, random.Rando
 def build_tiny_llava(root: str | os.PathLike, *, seed: int = 0, hidden_size: int = 64, layers: int = 4,
                      n_image_samples: int = 24, n_text_samples: int = 8) -> TinyLlavaFixture:
     """Write the fixture under `root` (created) and return its paths."""
-    import torch
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
                               LlamaForCausalLM)
 
@@ -164,7 +163,6 @@ def build_tiny_bunny(root: str | os.PathLike, model_type: str = "phi-2", *, seed
                      layers: int = 4, n_image_samples: int = 24, n_text_samples: int = 8) -> TinyLlavaFixture:
     """The Bunny counterpart of `build_tiny_llava`: the LLM is built with Bunny's own vendored classes (so
     its weights load exactly as Bunny's train() expects), the vision tower is a tiny SigLIP."""
-    import torch
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     if model_type not in BUNNY_MODEL_TYPES:
@@ -249,7 +247,6 @@ def build_tiny_nvila(root: str | os.PathLike, *, seed: int = 0, hidden_size: int
     """The NVILA counterpart: a tiny Qwen2 LLM with a ChatML byte-level BPE tokenizer (no BOS, like Qwen2), a tiny
     SigLIP tower (56 px, 14 px patches: 16 patches, 4 LLM tokens after mlp_downsample), LLaVA-format data and
     `datasets.yaml`, the registry NVILA's `--data_mixture tiny` reads through VILA_DATASETS."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor,
                               SiglipVisionConfig, SiglipVisionModel)

@@ -12,9 +12,9 @@ import os
 import torch
 
 from .attachment import Attachment, without_heads
+from .config import HEADS_FILE
 from .regularizers.distill import ROUTE_KEY
 
-HEADS_FILE = "vlm_preserve_heads.safetensors"
 
 
 def _is_dtensor(t) -> bool:

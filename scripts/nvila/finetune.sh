@@ -9,14 +9,19 @@
 # Environment: MODEL [runs/train/nvila-8b-pretrain/model]  DATA_MIXTURE [nvila-pretrain]
 #   VISION [Efficient-Large-Model/paligemma-siglip-so400m-patch14-448]  PROJECTOR [mlp_downsample_3x3_fix]
 #   OUTPUT_DIR [runs/train/nvila-<regularizer>/model]  GPUS [8]  BATCH [4]  GRAD_ACCUM [2]
-#   DS_CONFIG [<VILA checkout>/scripts/zero3.json: set it]  NVILA_TRAIN [nvila-train on PATH]  DRY_RUN [0]
+#   DS_CONFIG [$VLM_PRESERVE_NVILA_SRC/scripts/zero3.json: NVILA's own ZeRO-3 config in the VILA checkout]  NVILA_TRAIN [nvila-train on PATH]  DRY_RUN [0]
 set -euo pipefail
 REG="none"
 if [ "$#" -gt 0 ] && [ "${1#-}" = "$1" ]; then REG="$1"; shift; fi
 OUTPUT_DIR="${OUTPUT_DIR:-runs/train/nvila-${REG//,/-}/model}"
 BIN="${NVILA_TRAIN:-$(command -v nvila-train || echo nvila-train)}"
 
-args=(--regularizer "$REG" --deepspeed "${DS_CONFIG:-scripts/zero3.json}"
+DS="${DS_CONFIG:-${VLM_PRESERVE_NVILA_SRC:+$VLM_PRESERVE_NVILA_SRC/scripts/zero3.json}}"
+if [ ! -f "$DS" ]; then
+  echo "finetune.sh: no DeepSpeed config at '${DS}': set DS_CONFIG to NVILA's scripts/zero3.json in your VILA" \
+       "checkout (or VLM_PRESERVE_NVILA_SRC to the checkout)" >&2; exit 2
+fi
+args=(--regularizer "$REG" --deepspeed "$DS"
       --model_name_or_path "${MODEL:-runs/train/nvila-8b-pretrain/model}" --data_mixture "${DATA_MIXTURE:-nvila-pretrain}"
       --vision_tower "${VISION:-Efficient-Large-Model/paligemma-siglip-so400m-patch14-448}"
       --mm_vision_select_feature cls_patch --mm_projector "${PROJECTOR:-mlp_downsample_3x3_fix}"

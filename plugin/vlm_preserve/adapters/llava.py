@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from ..capture import StepCapture, output_keeper
+from ..config import IGNORE_INDEX
 from ..patching import Patches
 
-IGNORE_INDEX = -100        # llava.constants.IGNORE_INDEX (checked by check-upstream)
 IMAGE_TOKEN_INDEX = -200   # llava.constants.IMAGE_TOKEN_INDEX
 
 

@@ -20,9 +20,11 @@ from collections import defaultdict, deque
 import torch
 
 from ..capture import StepCapture, output_keeper
+from ..config import IGNORE_INDEX
 from ..patching import Patches
 
-IGNORE_INDEX = -100   # llava.constants.IGNORE_INDEX (checked by check-upstream)
+# Stands in for the caller's -100 labels while upstream's _embed runs, so the -100s it writes mark exactly the media
+# positions; any value no label can take would do.
 _SPARE = -12345
 
 

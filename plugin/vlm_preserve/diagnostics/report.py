@@ -80,7 +80,7 @@ def summary(report: dict, max_columns: int = 9) -> str:
     layers = report["layers"]
     cols = min(max_columns, len(layers))
     idx = sorted({round(i * (len(layers) - 1) / max(cols - 1, 1)) for i in range(cols)})
-    lines = [f"# vlm-preserve diagnose", "",
+    lines = ["# vlm-preserve diagnose", "",
              f"{report['samples']} samples; checkpoints: {', '.join(report['checkpoints'])}. "
              "Layer 0 = embeddings entering the LLM, l = output of decoder layer l. "
              "Every number for every layer: `diagnose.json`; plots: `<metric>.png`.", ""]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 from .metrics import CovarianceStats, MixingStats, PatchStats, ProbeStats

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..capture import StepCapture
-from ..config import ConfigError, PreserveArguments
+from ..config import HEADS_PREFIX, ConfigError, PreserveArguments
 from .attention_tuning import apply_attention_tuning
 from .distill import Distill, DistillConfig
 from .pre import PRe, PReConfig
@@ -22,7 +22,6 @@ from .soft_label import SoftLabel, SoftLabelConfig
 METHODS = {"rdd": RDDConfig, "pre": PReConfig, "distill": DistillConfig, "soft_label": SoftLabelConfig,
            "attention_tuning": None}
 CONFIG_CLASSES = (PreserveArguments, RDDConfig, PReConfig, DistillConfig, SoftLabelConfig)
-HEADS_PREFIX = "vlm_preserve_heads"
 
 
 def parse_names(spec: str) -> list[str]:

@@ -32,11 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from ..capture import StepCapture
-from ..config import ConfigError, choice
+from ..config import IGNORE_INDEX, ConfigError, choice
 
 ROUTES = ("auto", "all", "text_only", "long_response")
 ROUTE_KEY = "vlm_preserve_distill"  # per-sample override in the batch: 1 distil, 0 never, -1 follow the rule
-IGNORE_INDEX = -100
 
 
 @dataclass

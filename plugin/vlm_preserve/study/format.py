@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
+from ..config import IGNORE_INDEX
 
 
 def prompt_ids(tok, text: str, image_token_id: int | None = None, n_image: int = 0) -> list[int]:
@@ -38,7 +38,7 @@ def sample(tok, question: str, answer: str, image: int | None = None, image_toke
         if image is not None:
             raise ValueError(f"image sample longer than max_len={max_len}")
         p = p[:3] + p[len(p) + len(a) - max_len + 3:]
-    return {"input_ids": p + a, "labels": [IGNORE] * len(p) + a, "image": -1 if image is None else image}
+    return {"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a, "image": -1 if image is None else image}
 
 
 class Collator:
@@ -51,7 +51,7 @@ class Collator:
     def __call__(self, rows: list[dict]) -> dict:
         n = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
+        labels = torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.long)
         attn = torch.zeros((len(rows), n), dtype=torch.long)
         feats = torch.zeros((len(rows),) + tuple(self.features.shape[1:]), dtype=torch.float32)
         for i, r in enumerate(rows):
