@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main command: set up the study environment from PyPI, install the plugin, run the demo (base LLM,
-# Full-Tuning, RDD on SmolLM2-135M + EfficientNet-Lite0 / easy-vqa; language on bigbench).
+# Full-Tuning, LinguDistill and the merge on SmolLM2-135M + EfficientNet-Lite0 / easy-vqa; language on bigbench).
 #   bash scripts/demo.sh [--out DIR] [--data-dir DIR] [--tiny]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -465,10 +465,10 @@ def test_demo_prints_degradation_recovery_and_time_left(tmp_path, capsys):
                 instruction_samples=2, bf16=False) == 0
     out = capsys.readouterr().out
     for phase in ("eval:base (1/7)", "stage1 (2/7)", "train:full_s0 (3/7)", "eval:merge_a0.5_s0 (5/7)",
-                  "eval:rdd_rbf_s0 (7/7)"):
+                  "eval:distill_s0 (7/7)"):
         assert f"[demo] {phase}" in out and "min left" in out
     table = out.split("[demo] language against the base LLM")[1]
     assert "4 chat replies, 4 Wikipedia texts" in table
     rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
-    assert set(rows) >= {"base", "full", "merge_a0.5", "rdd_rbf"}
-    assert "%" in rows["rdd_rbf"].split(" | ")[2] and "%" in rows["merge_a0.5"].split(" | ")[2]   # recovery
+    assert set(rows) >= {"base", "full", "merge_a0.5", "distill"}
+    assert "%" in rows["distill"].split(" | ")[2] and "%" in rows["merge_a0.5"].split(" | ")[2]   # recovery
