@@ -18,8 +18,8 @@ DEMO = dict(methods=("full", "merge", "distill"), seeds=(0,), steps=30, test_ima
 
 # Seconds each phase took in the demo's measured run (README), and that machine's fp32 GEMM rate: the time-left
 # estimate starts from these scaled by this machine's measured rate, then follows this run's own pace.
-REFERENCE_GFLOPS = 172.0
-REFERENCE_S = {"eval:base": 150.0, "stage1": 55.0, "train": 4.5, "eval": 110.0}
+REFERENCE_GFLOPS = 154.0   # the README's run, 2026-12-02: phases as its progress lines timed them
+REFERENCE_S = {"eval:base": 156.0, "stage1": 54.0, "train": 4.5, "eval": 130.0}
 
 
 class Progress:
