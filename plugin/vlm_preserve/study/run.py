@@ -370,14 +370,17 @@ class Study:
                     continue
                 if self.path(run).exists():  # full done, merges missing: reload the saved full model
                     vlm = self._load_full(seed)
+                    if vlm is None:  # its model was not kept (another machine): retrain it, keep the json
+                        vlm, history, _ = self.stage2(method, seed)
+                        self._check_same_history(run, history)
+                        self._save_full(vlm, run)
                 else:
                     vlm, history, wall = self.stage2(method, seed)
                     self.progress(f"eval:{run}")
                     t0 = time.time()
                     res = self.evaluate(vlm.llm, vlm, label=run)
                     if method == "full" and "merge" in self.cfg.methods:
-                        from safetensors.torch import save_model  # keeps the tied embedding/LM head tied
-                        save_model(vlm, str(self.out / "models" / f"{run}.safetensors"))
+                        self._save_full(vlm, run)
                     self.write(run, method, seed, res, wall + time.time() - t0, history)
                     shutil.rmtree(self.out / "ckpt" / run, ignore_errors=True)
                     done.append(run)
@@ -389,10 +392,32 @@ class Study:
         return "merge" in self.cfg.methods and any(not self.path(f"merge_a{a}_s{seed}").exists()
                                                    for a in self.cfg.merge_alphas)
 
+    def _save_full(self, vlm, run: str) -> None:
+        from safetensors.torch import save_model  # keeps the tied embedding/LM head tied
+        path = self.out / "models" / f"{run}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_model(vlm, str(path.with_suffix(".tmp")))
+        os.replace(path.with_suffix(".tmp"), path)
+
+    def _check_same_history(self, run: str, history: list) -> None:
+        """A retrained run must reproduce the committed one, or its merges would describe another model. Another
+        CPU's kernels round differently, so the losses are compared to 1% rather than bit for bit."""
+        want = [r["loss"] for r in json.loads(self.path(run).read_text()).get("train_log", [])]
+        got = [r["loss"] for r in history if "loss" in r][-len(want):] if want else []
+        diff = max((abs(a - b) / max(abs(a), 1e-9) for a, b in zip(want, got)), default=float("inf"))
+        print(f"[study] {run} retrained: training losses within {diff:.2%} of the committed run", flush=True)
+        if len(got) != len(want) or diff > 0.01:
+            raise RuntimeError(f"retraining {run} did not reproduce its committed training losses "
+                               f"(largest relative difference {diff:.2%}): delete {self.path(run)} to redo the run "
+                               "with its merges")
+
     def _load_full(self, seed: int):
+        """The saved Full-Tuning VLM of `seed`, or None where its model file is absent."""
         from safetensors.torch import load_model
 
         from .model import build_vlm
+        if not (self.out / "models" / f"full_s{seed}.safetensors").exists():
+            return None
         llm = self.load_llm()
         vlm = build_vlm(llm, self.image_token_id(llm), seed=seed)
         load_model(vlm, str(self.out / "models" / f"full_s{seed}.safetensors"))
