@@ -108,7 +108,7 @@ def run(reg: str, out: str, data: dict, stage: int | None, save: bool, resume: s
             if n.startswith(("model.vision_tower.encoder.layers.1.", "model.vision_tower.post_layernorm.")):
                 p.requires_grad_(False)
     trainer = InOrder(model=model, args=args, train_dataset=Items(data["batches"]), data_collator=lambda xs: xs[0])
-    handle = attach(trainer, reg, distill=DistillConfig(distill_teacher=data["teacher"]) if "distill" in reg else None)
+    handle = attach(trainer, reg, *([DistillConfig(distill_teacher=data["teacher"])] if "distill" in reg else []))
     if monitor:  # the language monitor on every rank, every step (test_monitor.py)
         from test_monitor import word_tokenizer
         add_language_monitor(trainer, monitor, steps=1, tokenizer=word_tokenizer())

@@ -30,7 +30,7 @@ def main(root: str, out: str, stage: int) -> None:
     batches = [build_model_and_batch(fx, batch_size=3, text_only=(i == 0))[1] for i in range(2)]
     model, _ = build_model_and_batch(fx, batch_size=3)  # seeded: the same initial weights everywhere
     model.get_vision_tower().to(torch.float32)
-    att = attach(model, REG, distill=DistillConfig(distill_teacher=str(fx.llm)))
+    att = attach(model, REG, DistillConfig(distill_teacher=str(fx.llm)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     mine = batches if not stage else [batches[rank]]

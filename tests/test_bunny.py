@@ -105,8 +105,9 @@ def test_image_mask_is_where_bunny_placed_the_image_features(fx):
     from bunny.train.train import ModelArguments
     from bunny.util.data_utils import DataArguments, make_supervised_data_module
 
-    from vlm_preserve.adapters import llava as adapter
-    from vlm_preserve.attachment import _Slot
+    from vlm_preserve.adapters import LlavaAdapter
+    from vlm_preserve.capture import CaptureSession
+    adapter = LlavaAdapter()
 
     cls = BunnyPhiForCausalLM if fx.model_type == "phi-2" else BunnyQwen2ForCausalLM
     torch.manual_seed(0)
@@ -127,7 +128,7 @@ def test_image_mask_is_where_bunny_placed_the_image_features(fx):
           [i for i, r in enumerate(ds.list_data_dict) if "image" not in r][:2]
     batch = module["data_collator"]([ds[i] for i in idx])
     has_image = (batch["input_ids"] == -200).any(1)
-    slot = _Slot()
+    slot = CaptureSession()
     with adapter.install_capture(model, slot, visual_features=True):
         model(**batch)
     cap = slot.capture

@@ -96,9 +96,9 @@ def test_readme_flag_table_matches_the_config_definitions():
 
     from vlm_preserve.cli.launch import LaunchArguments
     from vlm_preserve.monitor import LanguageMonitorConfig
-    from vlm_preserve.regularizers import CONFIG_CLASSES
+    from vlm_preserve.regularizers import config_classes
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for cls in CONFIG_CLASSES + (LanguageMonitorConfig,):
+    for cls in config_classes() + (LanguageMonitorConfig,):
         for f in dataclasses.fields(cls):
             shown = f"`{f.default}`" if f.default != "" else "(empty)"
             assert f"| `--{f.name}` | {shown} |" in readme, f.name

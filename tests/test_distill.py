@@ -36,7 +36,7 @@ def teacher_of(vlm, noise: float = 0.0, seed: int = 1):
 
 def step(model, batch, att):
     out = model(**batch)
-    cap = att.slot.capture
+    cap = att.session.capture
     cap.take_outputs(out)
     return out, cap
 
@@ -48,10 +48,10 @@ def test_teacher_sees_exactly_what_the_student_sees(kind, batch_kind):
     batch = make_batch(model, kind, text_only=batch_kind == "text_only", batch=1 if batch_kind == "image_only" else 3)
     params = [p for p in model.parameters() if p.requires_grad]
     for layers in ("all", "none"):
-        att = attach(model, "distill", distill=DistillConfig(distill_layers=layers, distill_route="all"),
+        att = attach(model, "distill", DistillConfig(distill_layers=layers, distill_route="all"),
                      teacher=teacher_of(model))
         out, cap = step(model, batch, att)
-        term = att.preserver.distill
+        term = att.preserver.method("distill")
         sel = term.positions(cap)
         assert int(sel.sum()) > 0
         t, s = term.teacher_logits(cap, sel), cap.logits[sel]
@@ -71,12 +71,12 @@ def test_teacher_loaded_from_a_path_is_frozen_outside_the_model_and_never_saved(
     teacher_of(model).save_pretrained(tmp_path / "llm")
     model.save_pretrained(tmp_path / "plain")
     before = set(model.state_dict())
-    att = attach(model, "distill", distill=DistillConfig(distill_teacher=str(tmp_path / "llm"), distill_route="all"))
-    teacher = att.preserver.distill.teacher
+    att = attach(model, "distill", DistillConfig(distill_teacher=str(tmp_path / "llm"), distill_route="all"))
+    teacher = att.preserver.method("distill").teacher
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert set(model.state_dict()) == before  # not a submodule: in no state dict, optimizer or checkpoint
     _, cap = step(model, make_batch(model, "llava"), att)
-    assert att.preserver.distill.loss(cap)[0].item() < 1e-7
+    assert att.preserver.method("distill").loss(cap)[0].item() < 1e-7
     model.save_pretrained(tmp_path / "export")
     assert set(load_file(tmp_path / "export" / "model.safetensors")) == set(load_file(tmp_path / "plain" / "model.safetensors"))
 
@@ -86,14 +86,14 @@ def test_bad_teacher_and_layers_fail_clearly(tmp_path):
     with pytest.raises(ConfigError, match="needs --distill_teacher"):
         attach(model, "distill")
     with pytest.raises(ConfigError, match="out of range for a 4-layer LLM"):
-        attach(model, "distill", distill=DistillConfig(distill_layers="0,7"), teacher=teacher_of(model))
+        attach(model, "distill", DistillConfig(distill_layers="0,7"), teacher=teacher_of(model))
     small = transformers.AutoModelForCausalLM.from_config(
         transformers.LlamaConfig(**{**model.config.text_config.to_dict(), "num_hidden_layers": 2}))
     with pytest.raises(ConfigError, match="teacher has 2 decoder layers"):
         attach(model, "distill", teacher=small)
     model.save_pretrained(tmp_path / "vlm")
     with pytest.raises(ConfigError, match="vision-language checkpoint"):
-        attach(model, "distill", distill=DistillConfig(distill_teacher=str(tmp_path / "vlm")))
+        attach(model, "distill", DistillConfig(distill_teacher=str(tmp_path / "vlm")))
     qwen = build("qwen2_vl")
     with pytest.raises(ConfigError, match="M-RoPE"):
         attach(qwen, "distill", teacher=torch.nn.Module())  # refused before the teacher is looked at
@@ -105,11 +105,11 @@ def test_routing_rule_and_per_sample_override():
     supervised = (batch["labels"] != -100).sum(1).tolist()
 
     def routed(route=None, **cfg):
-        att = attach(model, "distill", distill=DistillConfig(**cfg), teacher=teacher_of(model))
+        att = attach(model, "distill", DistillConfig(**cfg), teacher=teacher_of(model))
         _, cap = step(model, batch, att)
         if route is not None:
             cap.extra["route"] = torch.tensor(route)
-        got = att.preserver.distill.positions(cap).any(1).tolist()
+        got = att.preserver.method("distill").positions(cap).any(1).tolist()
         att.detach()
         return got
 
@@ -128,7 +128,7 @@ def grads(model, batch, teacher, gc: bool, kv_grad: bool = False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     model.zero_grad()
-    att = attach(model, "distill", distill=DistillConfig(distill_route="all", distill_kv_grad=kv_grad), teacher=teacher)
+    att = attach(model, "distill", DistillConfig(distill_route="all", distill_kv_grad=kv_grad), teacher=teacher)
     out = model(**batch)
     loss, logs = att.total_loss(out.loss, out)
     loss.backward()
@@ -164,7 +164,7 @@ def test_trainer_path(reg, tmp_path):
     teacher0 = {k: v.clone() for k, v in teacher.state_dict().items()}
     model.save_pretrained(tmp_path / "plain")
     trainer = trainer_for(model, "llava_onevision", tmp_path / "run", save_strategy="steps")
-    handle = attach(trainer, reg, distill=DistillConfig(distill_route="all"), teacher=teacher)
+    handle = attach(trainer, reg, DistillConfig(distill_route="all"), teacher=teacher)
     trainer.train()
     logged = rows(trainer)
     assert len(logged) == 4 and all(math.isfinite(r["distill_loss"]) and r["distill_loss"] > 0 for r in logged)
@@ -192,7 +192,7 @@ def test_generic_adapter_gives_the_same_distillation_as_the_native_one():
                              lm_head="lm_head")
     values = []
     for adapter in (None, generic):
-        att = attach(model, "distill", distill=DistillConfig(distill_route="all"), teacher=teacher, adapter=adapter)
+        att = attach(model, "distill", DistillConfig(distill_route="all"), teacher=teacher, adapter=adapter)
         out = model(**batch)
         values.append(att.total_loss(out.loss, out)[1]["distill_loss"])
         att.detach()

@@ -18,20 +18,21 @@ pytestmark = needs_llava
 def test_teacher_sees_what_the_student_sees_in_upstream_llava(tiny_llava, gc):
     from llava_helpers import build_model_and_batch
     from vlm_preserve import DistillConfig, attach
-    from vlm_preserve.adapters import llava as adapter
+    from vlm_preserve.adapters import LlavaAdapter
+    adapter = LlavaAdapter()
 
     model, batch = build_model_and_batch(tiny_llava, gradient_checkpointing=gc)
     for layers in ("all", "none"):
         cfg = DistillConfig(distill_teacher=str(tiny_llava.llm), distill_layers=layers, distill_route="all")
-        att = attach(model, "distill", distill=cfg, adapter=adapter)
+        att = attach(model, "distill", cfg, adapter=adapter)
         out = model(**batch)
-        cap = att.slot.capture
+        cap = att.session.capture
         cap.take_outputs(out)
         # the recovered ids are the tokens upstream embedded at the text positions
         text = cap.attention_mask & ~cap.image_mask
         with torch.no_grad():
             torch.testing.assert_close(model.get_model().embed_tokens(cap.input_ids[text]), cap.inputs_embeds[text])
-        term = att.preserver.distill
+        term = att.preserver.method("distill")
         sel = term.positions(cap)
         t, s = term.teacher_logits(cap, sel), cap.logits[sel].detach()
         if layers == "all":

@@ -21,9 +21,9 @@ def configs(regularizer, **kw):
 
 def step(model, batch, regularizer, *, hidden=False, **kw):
     """One forward through the patched model; returns (capture, preserver, total, logs)."""
-    from vlm_preserve.adapters import llava as adapter
-    from vlm_preserve.attachment import _Slot
-    slot = _Slot()
+    from vlm_preserve.adapters import LlavaAdapter
+    from vlm_preserve.capture import CaptureSession
+    adapter, slot = LlavaAdapter(), CaptureSession()
     preserver = Preserver(configs(regularizer, **kw), **adapter.model_dims(model))
     with adapter.install_capture(model, slot, visual_features=preserver.needs_visual_features):
         out = model(**batch, output_hidden_states=bool(preserver.hidden_layers) or hidden)
@@ -57,9 +57,9 @@ def test_capture_is_invisible_to_upstream(tiny_llava):
     model, batch = build_model_and_batch(tiny_llava)
     args = (batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])
     ref = model.prepare_inputs_labels_for_multimodal(*args)
-    from vlm_preserve.adapters import llava as adapter
-    from vlm_preserve.attachment import _Slot
-    with adapter.install_capture(model, _Slot()):
+    from vlm_preserve.adapters import LlavaAdapter
+    from vlm_preserve.capture import CaptureSession
+    with LlavaAdapter().install_capture(model, CaptureSession()):
         got = model.prepare_inputs_labels_for_multimodal(*args)
     assert "prepare_inputs_labels_for_multimodal" not in vars(model)  # undone
     for a, b in zip(ref, got):

@@ -109,16 +109,16 @@ import json, torch
 import vlm_preserve.adapters.nvila as ad
 from vlm_preserve.attachment import Attachment
 seen, caps, checks = [], [], []
-install = ad.install_capture
-def probe(model, slot, **kw):
-    p = install(model, slot, **kw)
+install = ad.NVILAAdapter.install_capture
+def probe(self, model, session, **kw):
+    p = install(self, model, session, **kw)
     vlm = ad.find_nvila(model)
     p.add_hook(vlm.mm_projector.register_forward_hook(lambda m, a, out: seen.append(out.detach())))
     return p
-ad.install_capture = probe
+ad.NVILAAdapter.install_capture = probe
 total = Attachment.total_loss
 def check(self, *a, **k):
-    cap = self.slot.capture
+    cap = self.session.capture
     feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in seen]); seen.clear()
     emb, mask = cap.extra["inputs_embeds_unpacked"], cap.extra["image_mask_unpacked"]
     checks.append(dict(packed=bool(cap.extra.get("packed")), rows=cap.inputs_embeds.shape[0],

@@ -29,7 +29,7 @@ def test_image_mask_is_where_the_model_placed_the_image_features(kind):
     batch = make_batch(model, kind)
     att = attach(model, "rdd")
     model(**batch)
-    cap = att.slot.capture
+    cap = att.session.capture
     torch.testing.assert_close(cap.visual_embeds(), image_features(model, kind, image_inputs(batch)))
     ids, attn = batch["input_ids"], batch["attention_mask"].bool()
     text = ids[attn & (ids != 299)]
@@ -48,10 +48,10 @@ def test_gradients_reach_the_intended_modules(kind):
     model = build(kind)
     batch = make_batch(model, kind)
     lm, proj = native.language_model(model), native.projector(model)
-    att = attach(model, "rdd,pre", pre=PReConfig(pre_layer="1"))
+    att = attach(model, "rdd,pre", PReConfig(pre_layer="1"))
     rdd, pre = att.preserver.terms
     model(**batch, **att.forward_kwargs())
-    cap = att.slot.capture
+    cap = att.session.capture
     assert cap.hidden_states is not None  # taken from the language model's own output
     model.zero_grad(set_to_none=True)
     rdd.loss(cap)[0].backward(retain_graph=True)
@@ -134,14 +134,14 @@ def test_text_only_batch_runs_the_zero_weighted_path(kind):
 def test_pre_proj_anchor_on_llava_and_a_clear_refusal_elsewhere():
     model = build("llava")
     batch = make_batch(model, "llava")
-    att = attach(model, "pre", pre=PReConfig(pre_anchor="pre_proj"))
+    att = attach(model, "pre", PReConfig(pre_anchor="pre_proj"))
     model(**batch, **att.forward_kwargs())
-    feats = att.slot.capture.visual_features
+    feats = att.session.capture.visual_features
     vt = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:]
     torch.testing.assert_close(feats, vt.reshape(-1, vt.shape[-1]))
     att.detach()
     with pytest.raises(ConfigError, match="pre_proj is supported for LlavaForConditionalGeneration only"):
-        attach(build("qwen2_vl"), "pre", pre=PReConfig(pre_anchor="pre_proj"))
+        attach(build("qwen2_vl"), "pre", PReConfig(pre_anchor="pre_proj"))
 
 
 def test_unsupported_model_names_the_supported_classes_and_the_generic_adapter():
@@ -181,4 +181,4 @@ def test_old_layout_paths_resolve():
     old.language_model = causal
     assert native.language_model(old) is new.model.language_model
     assert native.projector(old) is new.model.multi_modal_projector
-    assert native.llm_modules(old)[1] is new.lm_head
+    assert native.TransformersAdapter().llm_modules(old)[1] is new.lm_head

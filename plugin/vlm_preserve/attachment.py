@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from .capture import CaptureSession
 from .patching import Patches
-from .regularizers import HEADS_PREFIX, Preserver
+from .regularizers import HEADS_PREFIX, Preserver, SetupContext
 
 
 def is_head_key(name: str) -> bool:
@@ -25,18 +26,13 @@ def without_heads(state_dict: dict) -> dict:
     return {k: v for k, v in state_dict.items() if not is_head_key(k)}
 
 
-class _Slot:
-    """Where the adapter's capture lands during one forward."""
-    def __init__(self):
-        self.capture = None
-
-
 class Attachment:
     def __init__(self, model: torch.nn.Module, configs: dict, adapter, teacher: torch.nn.Module | None = None):
-        """`teacher`: the distill term's original LLM, already loaded (else loaded from --distill_teacher)."""
+        """`teacher`: a loaded module for the methods that need one (distill's original LLM; else it is loaded
+        from --distill_teacher)."""
         self.preserver = Preserver(configs, **adapter.model_dims(model))
         self.patches = Patches()
-        self.slot = _Slot()
+        self.session = CaptureSession()
         if not self.preserver.active:  # "none": nothing installed, the model runs exactly as without the plugin
             return
         heads = self.preserver.heads
@@ -51,24 +47,15 @@ class Attachment:
                     return original_save(*args, state_dict=without_heads(state_dict if state_dict is not None
                                                                          else model.state_dict()), **kwargs)
                 self.patches.setattr(model, "save_pretrained", save_pretrained)
-        previous = self.preserver.apply_attention_tuning(adapter.llm_modules(model), adapter.projector_modules(model))
-        self.patches.call_on_undo(lambda: [p.requires_grad_(v) for p, v in previous.items()])
-        capture = adapter.install_capture(model, self.slot, visual_features=self.preserver.needs_visual_features)
+        capture = adapter.install_capture(model, self.session, visual_features=self.preserver.needs_visual_features)
         self.patches.call_on_undo(capture.undo)
-        if self.preserver.distill is not None:
-            self._attach_teacher(model, adapter, teacher)
-
-    def _attach_teacher(self, model, adapter, teacher) -> None:
-        from .regularizers.distill import load_teacher, record_student_kv
-        term = self.preserver.distill
-        if hasattr(adapter, "check_distill"):
-            adapter.check_distill(model)
-        layers = adapter.decoder_layers(model)
-        if teacher is None:
-            dtype = next(adapter.llm_modules(model)[0].parameters()).dtype  # the training dtype of the LLM
-            teacher = load_teacher(term.cfg.distill_teacher, dtype)
-        for h in term.set_teacher(teacher, layers) + record_student_kv(layers, term.shared, lambda: self.slot.capture, term.cfg.distill_kv_grad):
-            self.patches.add_hook(h)
+        ctx = SetupContext(model, adapter, self.patches, lambda: self.session.capture, teacher)
+        try:
+            for m in self.preserver.methods:
+                m.setup(ctx)
+        except Exception:  # nothing half-attached: undo what the earlier steps installed
+            self.patches.undo()
+            raise
 
     @property
     def heads(self) -> torch.nn.ModuleDict:
@@ -79,7 +66,7 @@ class Attachment:
 
     def begin_step(self) -> None:
         """Forget any capture: the next forward of the model is the one the terms are computed from."""
-        self.slot.capture = None
+        self.session.begin_step()
 
     def total_loss(self, lm_loss: torch.Tensor, outputs=None, step_seed: int = 0,
                    route=None) -> tuple[torch.Tensor, dict]:
@@ -90,7 +77,7 @@ class Attachment:
         so trainers whose loss path runs extra forwards (TRL's metrics pass) still use the gradient-carrying one."""
         if not self.preserver.active:
             return lm_loss, {}
-        cap, self.slot.capture = self.slot.capture, None
+        cap = self.session.take()
         if cap is None:
             raise RuntimeError("vlm-preserve: the last forward left no capture (no image input reached the model's "
                                "multimodal path, or the model was called outside the attached module).")

@@ -50,11 +50,48 @@ class StepCapture:
         return self.inputs_embeds[self.image_mask]
 
 
-def output_keeper(slot, seen: dict):
-    """A forward hook keeping hidden_states/logits for the capture this forward created (`seen["capture"]`),
-    so a later forward of the same step (a metrics pass, an eval) never mixes in."""
-    def keep(module, args, output):
-        cap = seen.get("capture")
-        if cap is not None and cap is slot.capture:
-            cap.take_outputs(output)
-    return keep
+class CaptureSession:
+    """Where an adapter's StepCapture of one training step lands, and the one rule every adapter follows: only the
+    step's first forward is captured. Later forwards of the same step (TRL's metrics pass, an evaluation) and the
+    recomputation of checkpointed layers in backward neither replace the capture nor add to it.
+
+    An adapter calls `begin_forward()` where a model forward starts (a pre-hook, or its wrapped input preparation),
+    collects into `scratch`, and calls `record(cap)` once it has built the capture; `capturing` tells its later
+    hooks whether this forward is still the one to capture; `keep_outputs` is the forward hook that adds
+    hidden_states / logits to the capture of this forward only."""
+
+    def __init__(self):
+        self.capture: StepCapture | None = None   # the step's capture, until the loss takes it
+        self.scratch: dict = {}                   # what the forward in progress collected before its capture exists
+        self.current: StepCapture | None = None   # the capture made by the forward in progress (None: not capturing)
+        self._open = False
+
+    def begin_step(self) -> None:
+        """Forget any capture: the next forward is the one the terms are computed from."""
+        self.capture = None
+
+    def take(self) -> StepCapture | None:
+        cap, self.capture = self.capture, None
+        return cap
+
+    def begin_forward(self) -> bool:
+        """A model forward starts: True where it is the one to capture (the step has no capture yet)."""
+        self.scratch.clear()
+        self.current = None
+        self._open = self.capture is None
+        return self._open
+
+    @property
+    def capturing(self) -> bool:
+        """Is the forward in progress the one to capture, with its capture not yet recorded?"""
+        return self._open and self.capture is None
+
+    def record(self, cap: StepCapture) -> StepCapture:
+        self.capture = self.current = cap
+        self._open = False
+        return cap
+
+    def keep_outputs(self, module, args, output):
+        """A forward hook: hidden_states / logits of the forward that made the step's capture, never a later one."""
+        if self.current is not None and self.current is self.capture:
+            self.current.take_outputs(output)

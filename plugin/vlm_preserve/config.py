@@ -25,4 +25,4 @@ def choice(flag: str, value: str, choices) -> None:
 @dataclass
 class PreserveArguments:
     regularizer: str = field(default="none", metadata={
-        "help": "Comma-separated terms: rdd, pre, distill, soft_label, attention_tuning (e.g. rdd,pre); none = upstream as is."})
+        "help": "Comma-separated preservation methods (e.g. rdd,pre); none = upstream as is."})

@@ -1,27 +1,37 @@
-"""One module per upstream. Each answers the same questions — where are the embedding, projector and
-decoder layers; how are image positions found; how is the trainer's loss reached; what must a
-checkpoint exclude — and never computes a loss.
+"""One adapter class per upstream (the contract: `base.Adapter`). Each answers the same questions — where are the
+embedding, projector and decoder layers; how are image positions found; how does one forward become a
+StepCapture — and never computes a loss.
 
-An adapter is any object with `model_dims(model)`, `llm_modules(model)`, `projector_modules(model)` and
-`install_capture(model, slot, visual_features=...)`: the `llava` and `transformers_native` modules, or a
-`GenericAdapter` instance.
+`ADAPTERS` lists the built-in ones by name (the launchers' `UpstreamSpec.adapter`); a custom VLM uses a
+`GenericAdapter` instance, or any `Adapter` subclass passed to `attach(..., adapter=...)`.
 """
 from __future__ import annotations
 
 from ..config import ConfigError
+from .base import Adapter
+from .generic import GenericAdapter
+from .llava import LlavaAdapter
+from .nvila import NVILAAdapter
+from .transformers_native import SUPPORTED, TransformersAdapter
+
+ADAPTERS: dict[str, type[Adapter]] = {c.name: c for c in (LlavaAdapter, NVILAAdapter, TransformersAdapter)}
 
 
-def resolve_adapter(model, adapter=None):
-    """The adapter for `model`: the one given, else chosen by model class."""
+def resolve_adapter(model, adapter=None) -> Adapter:
+    """The adapter for `model`: the one given, else the first built-in one whose `matches` recognises the model."""
     if adapter is not None:
+        if not isinstance(adapter, Adapter):
+            raise TypeError(f"adapter={adapter!r} is not a vlm_preserve Adapter; pass an instance of a subclass of "
+                            "vlm_preserve.adapters.Adapter, e.g. GenericAdapter(embed=..., projector=..., ...)")
         return adapter
-    from . import llava, transformers_native
-    for m in model.modules():
-        if hasattr(type(m), "prepare_inputs_labels_for_multimodal") and hasattr(type(m), "get_model"):
-            return llava
-    if transformers_native.find_vlm(model) is not None:
-        return transformers_native
+    for cls in ADAPTERS.values():
+        if cls.matches(model):
+            return cls()
     raise ConfigError(
-        f"no adapter for {type(model).__name__}. Supported by class: {', '.join(transformers_native.SUPPORTED)}, "
+        f"no adapter for {type(model).__name__}. Supported by class: {', '.join(SUPPORTED)}, "
         "and upstream LLaVA/Bunny models. For any other VLM, name its modules with "
         "vlm_preserve.GenericAdapter(embed=..., projector=..., layers=..., image_token_id=... or image_mask_key=...).")
+
+
+__all__ = ["ADAPTERS", "Adapter", "GenericAdapter", "LlavaAdapter", "NVILAAdapter", "TransformersAdapter",
+           "resolve_adapter"]

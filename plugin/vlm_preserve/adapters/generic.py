@@ -14,9 +14,10 @@ from typing import Optional
 
 import torch
 
-from ..capture import StepCapture, output_keeper
+from ..capture import CaptureSession, StepCapture
 from ..config import ConfigError
 from ..patching import Patches
+from .base import Adapter
 
 
 def resolve(model, path: str):
@@ -34,7 +35,8 @@ def resolve(model, path: str):
 
 
 @dataclass
-class GenericAdapter:
+class GenericAdapter(Adapter):
+    name = "generic"
     embed: str
     projector: str
     layers: str
@@ -71,14 +73,13 @@ class GenericAdapter:
     def projector_modules(self, model) -> list:
         return [resolve(model, self.projector)]
 
-    def install_capture(self, model, slot, *, visual_features: bool = False) -> Patches:
+    def install_capture(self, model, session: CaptureSession, *, visual_features: bool = False) -> Patches:
         self.check(model)
-        patches, seen = Patches(), {}
+        patches, seen = Patches(), session.scratch
         key = self.image_mask_key
 
         def on_model(module, args, kwargs):
-            seen.clear()
-            seen["done"] = slot.capture is not None  # only the step's first forward is captured
+            session.begin_forward()
             if key is not None:
                 if key not in kwargs:
                     raise RuntimeError(f"vlm-preserve: the batch has no {key!r} (GenericAdapter.image_mask_key).")
@@ -92,9 +93,8 @@ class GenericAdapter:
             seen.setdefault("features", args[0])
 
         def on_first_layer(module, args, kwargs):
-            if seen.get("done"):
+            if not session.capturing:
                 return  # a checkpoint recompute, or a second pass: the first call is the step's input
-            seen["done"] = True
             hidden = args[0] if args else kwargs["hidden_states"]
             if key is not None:
                 mask = seen["mask"].bool()
@@ -120,14 +120,11 @@ class GenericAdapter:
                                        f"{feats.shape[0]} projector input rows; pre_anchor=pre_proj cannot pair them.")
             ids = seen.get("input_ids")
             ids = ids.masked_fill(mask, -1) if torch.is_tensor(ids) and ids.shape == mask.shape else None
-            slot.capture = seen["capture"] = StepCapture(inputs_embeds=hidden, image_mask=mask & attn,
-                                                         attention_mask=attn, labels=seen.get("labels"),
-                                                         visual_features=feats, input_ids=ids)
-
-        keep_outputs = output_keeper(slot, seen)
+            session.record(StepCapture(inputs_embeds=hidden, image_mask=mask & attn, attention_mask=attn,
+                                       labels=seen.get("labels"), visual_features=feats, input_ids=ids))
 
         patches.add_hook(model.register_forward_pre_hook(on_model, with_kwargs=True))
-        patches.add_hook(model.register_forward_hook(keep_outputs))
+        patches.add_hook(model.register_forward_hook(session.keep_outputs))
         patches.add_hook(resolve(model, self.layers)[0].register_forward_pre_hook(on_first_layer, with_kwargs=True))
         if visual_features:
             patches.add_hook(resolve(model, self.projector).register_forward_pre_hook(on_projector))

@@ -14,40 +14,27 @@ from __future__ import annotations
 
 import torch
 
-from ..capture import StepCapture, output_keeper
+from ..capture import CaptureSession, StepCapture
 from ..config import IGNORE_INDEX
 from ..patching import Patches
+from .base import Adapter
 
 IMAGE_TOKEN_INDEX = -200   # llava.constants.IMAGE_TOKEN_INDEX
 
 
 def find_llava(model):
-    """The upstream LlavaMetaForCausalLM inside any wrapper (PEFT, DeepSpeed, DDP)."""
+    """The upstream LlavaMetaForCausalLM inside any wrapper (PEFT, DeepSpeed, DDP); None where there is none."""
     for m in model.modules():
         if hasattr(type(m), "prepare_inputs_labels_for_multimodal") and hasattr(type(m), "get_model"):
             return m
-    raise TypeError(f"{type(model).__name__} contains no upstream LLaVA model (LlavaMetaForCausalLM).")
+    return None
 
 
-def model_dims(model) -> dict:
-    cfg = find_llava(model).config
-    return {"num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
-            "vision_hidden_size": getattr(cfg, "mm_hidden_size", None)}
-
-
-def decoder_layers(model):
-    return find_llava(model).get_model().layers
-
-
-def llm_modules(model) -> list:
-    llava = find_llava(model)
-    inner = llava.get_model()
-    norm = getattr(inner, "norm", None) or getattr(inner, "final_layernorm", None)  # Bunny's Phi: final_layernorm
-    return [m for m in (inner.embed_tokens, inner.layers, norm, llava.lm_head) if m is not None]
-
-
-def projector_modules(model) -> list:
-    return [find_llava(model).get_model().mm_projector]
+def _llava(model):
+    m = find_llava(model)
+    if m is None:
+        raise TypeError(f"{type(model).__name__} contains no upstream LLaVA model (LlavaMetaForCausalLM).")
+    return m
 
 
 def features_in_mask_order(features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -72,57 +59,79 @@ def features_in_mask_order(features: torch.Tensor, input_ids: torch.Tensor, atte
     return out
 
 
-def install_capture(model, slot, *, visual_features: bool = False) -> Patches:
-    """Wrap the model's multimodal input preparation so each forward leaves a StepCapture in `slot`."""
-    llava = find_llava(model)
-    patches = Patches()
-    original = llava.prepare_inputs_labels_for_multimodal
-    seen = {}
-    if visual_features:
-        def keep_input(module, args):
-            seen["x"] = args[0]
-        patches.add_hook(llava.get_model().mm_projector.register_forward_pre_hook(keep_input))
+class LlavaAdapter(Adapter):
+    """Upstream LLaVA and Bunny models (LlavaMetaForCausalLM)."""
+    name = "llava"
 
-    def prepare(input_ids, position_ids, attention_mask, past_key_values, labels, images, *rest):
-        # *rest: LLaVA's image_sizes; Bunny's signature ends at images
-        if slot.capture is not None:  # the step's first forward is captured; later ones (metrics, eval) are not
-            return original(input_ids, position_ids, attention_mask, past_key_values, labels, images, *rest)
-        seen.clear()
-        ids = input_ids.clone()  # kept for feature ordering (Bunny's variant mutates input_ids)
-        attn_in = attention_mask if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        code = torch.zeros_like(input_ids) if labels is None else (labels + 1).clamp(min=0)
-        span = int(code.max()) + 1
-        encoded = input_ids.clamp(min=0) * span + code
-        out_ids, pos, attn, pkv, embeds, encoded = original(
-            input_ids, position_ids, attn_in, past_key_values, encoded, images, *rest)
-        if embeds is None:  # upstream's text-only early return: hand back exactly what it was given
-            return out_ids, pos, attention_mask, pkv, None, labels
-        attn_b = attn.bool()
-        real = encoded >= 0  # not an inserted image slot, not padding
-        image_mask = ~real & attn_b
-        label = encoded % span - 1
-        new_labels = torch.where(real & (label >= 0), label, IGNORE_INDEX)
-        token_ids = torch.where(real, encoded // span, -1)
-        feats = None
+    @classmethod
+    def matches(cls, model) -> bool:
+        return find_llava(model) is not None
+
+    def model_dims(self, model) -> dict:
+        cfg = _llava(model).config
+        return {"num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+                "vision_hidden_size": getattr(cfg, "mm_hidden_size", None)}
+
+    def decoder_layers(self, model):
+        return _llava(model).get_model().layers
+
+    def llm_modules(self, model) -> list:
+        llava = _llava(model)
+        inner = llava.get_model()
+        norm = getattr(inner, "norm", None) or getattr(inner, "final_layernorm", None)  # Bunny's Phi: final_layernorm
+        return [m for m in (inner.embed_tokens, inner.layers, norm, llava.lm_head) if m is not None]
+
+    def projector_modules(self, model) -> list:
+        return [_llava(model).get_model().mm_projector]
+
+    def install_capture(self, model, session: CaptureSession, *, visual_features: bool = False) -> Patches:
+        """Wrap the model's multimodal input preparation so the captured forward leaves a StepCapture."""
+        llava = _llava(model)
+        patches = Patches()
+        original = llava.prepare_inputs_labels_for_multimodal
+        seen = session.scratch
         if visual_features:
-            x = seen.get("x")
-            if x is None or x.ndim != 3 or not torch.is_tensor(images) or images.ndim != 4:
-                raise RuntimeError("vlm-preserve: pre_anchor=pre_proj supports batches of single images "
-                                   "(image_aspect_ratio pad/square); use --pre_anchor pre_llm for anyres.")
-            feats = features_in_mask_order(x, ids, attn_in.bool(), image_mask)
-        slot.capture = seen["capture"] = StepCapture(inputs_embeds=embeds, image_mask=image_mask,
-                                                     attention_mask=attn_b, labels=new_labels, visual_features=feats,
-                                                     input_ids=token_ids)
-        return (out_ids, pos, attn if attention_mask is not None else None, pkv, embeds,
-                new_labels if labels is not None else None)
+            def keep_input(module, args):
+                seen["x"] = args[0]
+            patches.add_hook(llava.get_model().mm_projector.register_forward_pre_hook(keep_input))
 
-    keep_outputs = output_keeper(slot, seen)
+        def prepare(input_ids, position_ids, attention_mask, past_key_values, labels, images, *rest):
+            # *rest: LLaVA's image_sizes; Bunny's signature ends at images. The projector's input hook runs inside
+            # `original`, after this point, so the scratch is cleared before it fills.
+            if not session.begin_forward():
+                return original(input_ids, position_ids, attention_mask, past_key_values, labels, images, *rest)
+            ids = input_ids.clone()  # kept for feature ordering (Bunny's variant mutates input_ids)
+            attn_in = attention_mask if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            code = torch.zeros_like(input_ids) if labels is None else (labels + 1).clamp(min=0)
+            span = int(code.max()) + 1
+            encoded = input_ids.clamp(min=0) * span + code
+            out_ids, pos, attn, pkv, embeds, encoded = original(
+                input_ids, position_ids, attn_in, past_key_values, encoded, images, *rest)
+            if embeds is None:  # upstream's text-only early return: hand back exactly what it was given
+                return out_ids, pos, attention_mask, pkv, None, labels
+            attn_b = attn.bool()
+            real = encoded >= 0  # not an inserted image slot, not padding
+            image_mask = ~real & attn_b
+            label = encoded % span - 1
+            new_labels = torch.where(real & (label >= 0), label, IGNORE_INDEX)
+            token_ids = torch.where(real, encoded // span, -1)
+            feats = None
+            if visual_features:
+                x = seen.get("x")
+                if x is None or x.ndim != 3 or not torch.is_tensor(images) or images.ndim != 4:
+                    raise RuntimeError("vlm-preserve: pre_anchor=pre_proj supports batches of single images "
+                                       "(image_aspect_ratio pad/square); use --pre_anchor pre_llm for anyres.")
+                feats = features_in_mask_order(x, ids, attn_in.bool(), image_mask)
+            session.record(StepCapture(inputs_embeds=embeds, image_mask=image_mask, attention_mask=attn_b,
+                                       labels=new_labels, visual_features=feats, input_ids=token_ids))
+            return (out_ids, pos, attn if attention_mask is not None else None, pkv, embeds,
+                    new_labels if labels is not None else None)
 
-    patches.setattr(llava, "prepare_inputs_labels_for_multimodal", prepare)
-    patches.add_hook(llava.get_model().register_forward_hook(keep_outputs))  # hidden_states
-    # logits from the LM head module: PEFT calls the model's forward directly, bypassing its hooks
-    patches.add_hook(llava.lm_head.register_forward_hook(keep_outputs))
-    return patches
+        patches.setattr(llava, "prepare_inputs_labels_for_multimodal", prepare)
+        patches.add_hook(llava.get_model().register_forward_hook(session.keep_outputs))  # hidden_states
+        # logits from the LM head module: PEFT calls the model's forward directly, bypassing its hooks
+        patches.add_hook(llava.lm_head.register_forward_hook(session.keep_outputs))
+        return patches
 
 
 def install_route_field(patches: Patches, data_module, field: str) -> None:
@@ -148,16 +157,3 @@ def install_route_field(patches: Patches, data_module, field: str) -> None:
 
     patches.setattr(dataset, "__getitem__", __getitem__)
     patches.setattr(collator, "__call__", __call__)
-
-
-def allow_numpy_rng_state(patches: Patches) -> None:
-    """transformers 4.36 resumes with `torch.load(rng_state.pth)`, which torch >= 2.6 refuses (weights_only
-    default) because the file holds numpy RNG arrays. Allow exactly those numpy types, for this run only."""
-    import numpy as np
-    if not hasattr(torch.serialization, "safe_globals"):
-        return
-    core = getattr(np, "_core", None) or np.core
-    cm = torch.serialization.safe_globals([core.multiarray._reconstruct, np.ndarray, np.dtype,
-                                           type(np.dtype(np.uint32))])
-    cm.__enter__()
-    patches.call_on_undo(lambda: cm.__exit__(None, None, None))

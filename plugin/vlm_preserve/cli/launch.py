@@ -25,7 +25,7 @@ class UpstreamSpec:
     identify: Callable[[object], Optional[str]]  # given train_module: None if right, else what was found
     data_module: str = ""        # module defining LazySupervisedDataset / DataCollatorForSupervisedDataset
     passes_attn_implementation: bool = False
-    adapter: str = "llava"       # module under vlm_preserve.adapters
+    adapter: str = "llava"       # a name in vlm_preserve.adapters.ADAPTERS
     head_filters: tuple = ("get_peft_state_maybe_zero_3", "get_peft_state_non_lora_maybe_zero_3")  # in train_module,
     # or "module:function": export helpers whose state dicts must not carry the training-only heads
     extra_arguments: Optional[type] = None  # a dataclass of launcher flags of this command
@@ -42,12 +42,16 @@ def _parser(spec: UpstreamSpec):
     from transformers import HfArgumentParser
 
     from ..monitor import LanguageMonitorConfig
-    from ..regularizers import CONFIG_CLASSES
+    from ..regularizers import REGISTRY, config_classes
     extra = (LanguageMonitorConfig,) + ((LaunchArguments,) if spec.passes_attn_implementation else ())
     extra += (spec.extra_arguments,) if spec.extra_arguments else ()
-    return HfArgumentParser(CONFIG_CLASSES + extra, allow_abbrev=False, prog=spec.command,
-                            description=f"Upstream {spec.package} train() with vlm-preserve regularizers. "
-                                        "Every flag not listed here goes to upstream unchanged.")
+    parser = HfArgumentParser(config_classes() + extra, allow_abbrev=False, prog=spec.command,
+                              description=f"Upstream {spec.package} train() with vlm-preserve regularizers. "
+                                          "Every flag not listed here goes to upstream unchanged.")
+    for action in parser._actions:  # the registry's names, so a method registered from outside is listed too
+        if action.dest == "regularizer":
+            action.help = f"{action.help} Methods: {', '.join(REGISTRY)}."
+    return parser
 
 
 def given_flags(argv: list[str], names) -> set[str]:
@@ -100,7 +104,7 @@ def run(spec: UpstreamSpec, argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     from ..config import ConfigError
     from ..monitor import LanguageMonitorConfig
-    from ..regularizers import CONFIG_CLASSES, DistillConfig, validate
+    from ..regularizers import DistillConfig, config_classes, validate
 
     parser = _parser(spec)
     if "-h" in argv or "--help" in argv:
@@ -114,7 +118,7 @@ def run(spec: UpstreamSpec, argv: list[str] | None = None) -> None:
     monitor = cfgs.pop()
     configs = {type(c): c for c in cfgs}
     try:
-        names = validate(configs, given_flags(argv, [f.name for c in CONFIG_CLASSES for f in dataclasses.fields(c)]))
+        names = validate(configs, given_flags(argv, [f.name for c in config_classes() for f in dataclasses.fields(c)]))
         monitor_items = monitor.validate(given_flags(argv, [f.name for f in dataclasses.fields(LanguageMonitorConfig)]))
     except ConfigError as e:
         _fail(spec, str(e))
@@ -137,7 +141,8 @@ def run(spec: UpstreamSpec, argv: list[str] | None = None) -> None:
     from ..patching import Patches
     with Patches() as patches:
         if names:
-            adapter = importlib.import_module(f"..adapters.{spec.adapter}", __package__)
+            from ..adapters import ADAPTERS
+            adapter = ADAPTERS[spec.adapter]()
             from ..attachment import without_heads
             from ..trainer import preserving_trainer_class
             patches.setattr(upstream, spec.trainer, preserving_trainer_class(getattr(upstream, spec.trainer), configs, adapter))
@@ -146,7 +151,8 @@ def run(spec: UpstreamSpec, argv: list[str] | None = None) -> None:
                 owner = importlib.import_module(module) if module else upstream
                 original = getattr(owner, fn)
                 patches.setattr(owner, fn, lambda *a, _f=original, **k: without_heads(_f(*a, **k)))
-            from ..adapters.llava import allow_numpy_rng_state, install_route_field
+            from ..adapters.llava import install_route_field
+            from ..compat import allow_numpy_rng_state
             allow_numpy_rng_state(patches)
             if "distill" in names:
                 install_route_field(patches, importlib.import_module(spec.data_module),

@@ -52,12 +52,12 @@ class UpstreamLlava:
                               "pip install --no-deps llava-torch==1.2.2.post1 (see third_party/llava).") from e
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..adapters import llava as adapter
+        from ..adapters import LlavaAdapter
 
         if conv_template not in conversation_lib.conv_templates:
             raise SampleError(f"--conv-template {conv_template!r} is not one of upstream LLaVA's templates: "
                               f"{', '.join(sorted(conversation_lib.conv_templates))}.")
-        self.adapter = adapter
+        self.adapter = LlavaAdapter()
         model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
         tower = model.get_vision_tower()
         if not tower.is_loaded:  # upstream keeps the (frozen) tower's weights at mm_vision_tower, not here
@@ -91,15 +91,16 @@ class TransformersNative:
         import transformers
         from transformers import AutoProcessor
 
-        from ..adapters import transformers_native as adapter
+        from ..adapters import TransformersAdapter
+        from ..compat import dtype_kwarg
+        from ..adapters.transformers_native import SUPPORTED
 
         cls = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
-        major = int(transformers.__version__.split(".")[0])
-        model = cls.from_pretrained(path, **({"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}))
-        if adapter.find_vlm(model) is None:
+        model = cls.from_pretrained(path, **dtype_kwarg(dtype))
+        if not TransformersAdapter.matches(model):
             raise SampleError(f"--model {path}: {type(model).__name__} is not one the diagnostics can open "
-                              f"({', '.join(adapter.SUPPORTED)}, or upstream LLaVA checkpoints).")
-        self.adapter = adapter
+                              f"({', '.join(SUPPORTED)}, or upstream LLaVA checkpoints).")
+        self.adapter = TransformersAdapter()
         self.model = model.to(device).eval()
         self.processor = AutoProcessor.from_pretrained(path)
         ip = getattr(self.processor, "image_processor", None)

@@ -7,10 +7,10 @@ first decoder layer (text embeddings and projected visual tokens), l = the outpu
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import torch
 
+from ..capture import CaptureSession
 from .metrics import CovarianceStats, MixingStats, PatchStats, ProbeStats
 from .samples import SampleError, patch_labels, read_label_map
 
@@ -112,16 +112,16 @@ def collect(model, adapter, items, diag: LayerDiagnostics, *, progress: bool = T
     Works with any adapter: its capture supplies the image and attention masks of the forward."""
     from tqdm.auto import tqdm
 
-    slot = SimpleNamespace(capture=None)
-    patches = adapter.install_capture(model, slot)
+    session = CaptureSession()
+    patches = adapter.install_capture(model, session)
     num_layers = adapter.model_dims(model)["num_layers"]
     n = 0
     try:
         with torch.no_grad():
             for batch, info in tqdm(items, desc=desc or "samples", disable=not progress, unit="sample"):
-                slot.capture = None
+                session.begin_step()
                 out = model(**batch, output_hidden_states=True)
-                cap = slot.capture
+                cap = session.take()
                 if cap is None:
                     raise RuntimeError(f"sample {info.id}: the forward left no capture (no image reached the model's "
                                        "multimodal path).")

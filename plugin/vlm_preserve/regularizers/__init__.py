@@ -1,7 +1,7 @@
-"""Registry of the methods and `Preserver`, the enabled set for one run.
+"""The methods (one class each, registered by name in `base.REGISTRY`) and `Preserver`, the enabled set for one run.
 
 Framework-free: an adapter builds a `StepCapture`, the Preserver turns (LM loss, capture) into the
-total loss and the named terms to log.
+total loss and the named terms to log. How to add a method: docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -12,16 +12,18 @@ from torch import nn
 
 from ..capture import StepCapture
 from ..config import HEADS_PREFIX, ConfigError, PreserveArguments
-from .attention_tuning import apply_attention_tuning
-from .distill import Distill, DistillConfig
-from .pre import PRe, PReConfig
+# importing the built-in methods registers them, in this order (the order of --help and of error messages)
+from .base import REGISTRY, Method, ModelDims, SetupContext, method_class, register
 from .rdd import RDD, RDDConfig
+from .pre import PRe, PReConfig
+from .distill import Distill, DistillConfig
 from .soft_label import SoftLabel, SoftLabelConfig
+from .attention_tuning import AttentionTuning
 
-# name -> config dataclass whose fields belong to it (None: no options)
-METHODS = {"rdd": RDDConfig, "pre": PReConfig, "distill": DistillConfig, "soft_label": SoftLabelConfig,
-           "attention_tuning": None}
-CONFIG_CLASSES = (PreserveArguments, RDDConfig, PReConfig, DistillConfig, SoftLabelConfig)
+
+def config_classes() -> tuple:
+    """PreserveArguments and every registered method's config class: the dataclasses the CLI flags come from."""
+    return (PreserveArguments,) + tuple(c.config_class for c in REGISTRY.values() if c.config_class is not None)
 
 
 def parse_names(spec: str) -> list[str]:
@@ -29,9 +31,7 @@ def parse_names(spec: str) -> list[str]:
     if names in ([], ["none"]):
         return []
     for n in names:
-        if n not in METHODS:
-            raise ConfigError(f"--regularizer: unknown term {n!r}; choose from: none, {', '.join(METHODS)} "
-                              f"(combine with commas, e.g. rdd,pre).")
+        method_class(n)
     if len(set(names)) != len(names):
         raise ConfigError(f"--regularizer {spec!r} names a term twice.")
     return names
@@ -43,7 +43,8 @@ def validate(configs: dict, given: set[str] | None = None) -> list[str]:
     `configs` maps dataclass type -> instance; `given` is the set of flags the user passed (the CLI knows
     it); without it, a field differing from its default counts as given."""
     names = parse_names(configs[PreserveArguments].regularizer)
-    for method, cls in METHODS.items():
+    for method, m in REGISTRY.items():
+        cls = m.config_class
         if cls is None:
             continue
         cfg = configs.get(cls) or cls()  # absent: its defaults
@@ -60,36 +61,29 @@ def validate(configs: dict, given: set[str] | None = None) -> list[str]:
 
 
 class Preserver:
-    """The enabled terms of one run, built for a model of the given shape."""
+    """The enabled methods of one run, built for a model of the given shape."""
 
     def __init__(self, configs: dict, *, num_layers: int, hidden_size: int, vision_hidden_size: int | None = None):
         self.names = validate(configs)
-        self.terms = []
-        self.heads = nn.ModuleDict()
-        self.attention_tuning = "attention_tuning" in self.names
-        self.distill = None  # the Distill term; the Attachment gives it its teacher
+        dims = ModelDims(num_layers, hidden_size, vision_hidden_size or hidden_size)
+        self.methods: list[Method] = []
         for n in self.names:
-            if n == "rdd":
-                self.terms.append(RDD(configs[RDDConfig]))
-            elif n == "pre":
-                t = PRe(configs[PReConfig], num_layers, hidden_size, vision_hidden_size or hidden_size)
-                self.heads["pre"] = t.head
-                self.terms.append(t)
-            elif n == "distill":
-                self.distill = Distill(configs[DistillConfig], num_layers)
-                self.terms.append(self.distill)
-            elif n == "soft_label":
-                self.terms.append(SoftLabel(configs[SoftLabelConfig]))
+            cls = REGISTRY[n]
+            cfg = (configs.get(cls.config_class) or cls.config_class()) if cls.config_class is not None else None
+            self.methods.append(cls(cfg, dims))
+        self.terms = [m for m in self.methods if m.has_loss]
+        # keyed by method name: the heads' parameter names in checkpoints are vlm_preserve_heads.<name>.*
+        self.heads = nn.ModuleDict({m.name: m.heads for m in self.methods if m.heads is not None})
         self.hidden_layers = sorted({k for t in self.terms for k in t.hidden_layers})
-        self.needs_visual_features = any(getattr(t, "needs_visual_features", False) for t in self.terms)
-        self.replaces_lm_loss = any(getattr(t, "replaces_lm_loss", False) for t in self.terms)
+        self.needs_visual_features = any(t.needs_visual_features for t in self.terms)
+        self.replaces_lm_loss = any(t.replaces_lm_loss for t in self.terms)
 
     @property
     def active(self) -> bool:
         return bool(self.names)
 
-    def apply_attention_tuning(self, llm_modules, projector_modules) -> dict:
-        return apply_attention_tuning(llm_modules, projector_modules) if self.attention_tuning else {}
+    def method(self, name: str) -> Method | None:
+        return next((m for m in self.methods if m.name == name), None)
 
     def total_loss(self, lm_loss: torch.Tensor, cap: StepCapture) -> tuple[torch.Tensor, dict]:
         """total = (LM loss, or its soft-label replacement) + Σ weight·term; terms returned detached,
@@ -99,7 +93,7 @@ class Preserver:
         for t in self.terms:
             value, valid = t.loss(cap)
             logs[f"{t.name}_loss"] = value.detach() if valid else None
-            if getattr(t, "replaces_lm_loss", False):
+            if t.replaces_lm_loss:
                 base = value
             else:
                 extra = extra + value.to(lm_loss.dtype) * (t.weight if valid else 0.0)
@@ -107,5 +101,6 @@ class Preserver:
         return total, logs
 
 
-__all__ = ["METHODS", "CONFIG_CLASSES", "HEADS_PREFIX", "Preserver", "parse_names", "validate",
+__all__ = ["REGISTRY", "Method", "ModelDims", "SetupContext", "register", "config_classes", "HEADS_PREFIX",
+           "Preserver", "parse_names", "validate", "RDD", "PRe", "Distill", "SoftLabel", "AttentionTuning",
            "RDDConfig", "PReConfig", "DistillConfig", "SoftLabelConfig", "PreserveArguments"]

@@ -1,9 +1,12 @@
 """Attention-Tuning baseline (Dubey et al. 2024, as compared in RRVLM): of the language model only the
 self-attention projections train; the projector trains too; everything else in the LLM is frozen.
-Not a loss: it decides `requires_grad` once, after upstream has set its own."""
+Not a loss: it decides `requires_grad` once, when attached (after upstream has set its own), and detach
+restores every flag."""
 from __future__ import annotations
 
 import re
+
+from .base import Method, SetupContext, register
 
 _ATTN = re.compile(r"(^|\.)(self_attn|attention|attn)\.(q_proj|k_proj|v_proj|o_proj|qkv_proj|dense|Wqkv|out_proj)\.")
 
@@ -24,3 +27,13 @@ def apply_attention_tuning(llm_modules, projector_modules) -> dict:
             previous.setdefault(p, p.requires_grad)
             p.requires_grad_(True)
     return previous
+
+
+@register
+class AttentionTuning(Method):
+    name = "attention_tuning"
+    has_loss = False
+
+    def setup(self, ctx: SetupContext) -> None:
+        previous = apply_attention_tuning(ctx.adapter.llm_modules(ctx.model), ctx.adapter.projector_modules(ctx.model))
+        ctx.patches.call_on_undo(lambda: [p.requires_grad_(v) for p, v in previous.items()])

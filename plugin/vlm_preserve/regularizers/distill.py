@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..capture import StepCapture
 from ..config import IGNORE_INDEX, ConfigError, choice
+from .base import Method, ModelDims, SetupContext, register
 
 ROUTES = ("auto", "all", "text_only", "long_response")
 ROUTE_KEY = "vlm_preserve_distill"  # per-sample override in the batch: 1 distil, 0 never, -1 follow the rule
@@ -132,18 +133,32 @@ def record_student_kv(layers, indices: list[int], current_capture, keep_grad: bo
     return handles
 
 
-class Distill:
+@register
+class Distill(Method):
     name = "distill"
-    hidden_layers: tuple = ()
+    config_class = DistillConfig
 
-    def __init__(self, cfg: DistillConfig, num_layers: int):
-        self.cfg = cfg
+    def __init__(self, cfg: DistillConfig, dims: ModelDims):
+        super().__init__(cfg, dims)
         self.weight = cfg.distill_weight
-        self.shared = cfg.layer_indices(num_layers)
+        self.shared = cfg.layer_indices(dims.num_layers)
         self.teacher = None
         self._inject = None  # {layer: (image_mask, [k_rows, v_rows])} while the teacher runs
 
     # -- the teacher -------------------------------------------------------------------------------------
+    def setup(self, ctx: SetupContext) -> None:
+        """Adopt the teacher (`attach(teacher=...)`, else loaded from --distill_teacher in the LLM's training dtype)
+        and record the student's keys/values of the shared layers during its forward."""
+        ctx.adapter.check_distill(ctx.model)
+        layers = ctx.adapter.decoder_layers(ctx.model)
+        teacher = ctx.teacher
+        if teacher is None:
+            dtype = next(ctx.adapter.llm_modules(ctx.model)[0].parameters()).dtype
+            teacher = load_teacher(self.cfg.distill_teacher, dtype)
+        for h in self.set_teacher(teacher, layers) + record_student_kv(layers, self.shared, ctx.current_capture,
+                                                                        self.cfg.distill_kv_grad):
+            ctx.patches.add_hook(h)
+
     def set_teacher(self, teacher: torch.nn.Module, student_layers) -> list:
         """Adopt a loaded teacher: frozen, eval, checked against the student's layers, K/V sharing hooks installed
         (their handles returned)."""
@@ -273,8 +288,7 @@ def load_teacher(path: str, dtype: torch.dtype) -> torch.nn.Module:
     if getattr(config, "mm_vision_tower", None) or getattr(config, "vision_config", None):
         raise ConfigError(f"--distill_teacher {path!r} is a vision-language checkpoint; the teacher is the original "
                           "language model the VLM was built from (pass its path with --distill_teacher).")
-    import transformers
-    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    from ..compat import dtype_kwarg
     with _zero3_off():
-        teacher = AutoModelForCausalLM.from_pretrained(path, **{dtype_kw: dtype})
+        teacher = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(dtype))
     return teacher.eval().requires_grad_(False)

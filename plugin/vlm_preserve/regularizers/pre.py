@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..capture import StepCapture
 from ..config import ConfigError, choice
+from .base import Method, ModelDims, register
 
 ANCHORS = ("pre_llm", "pre_proj")
 
@@ -92,16 +93,18 @@ def head_pre_loss(head: nn.Module, h: torch.Tensor, anchor: torch.Tensor, chunk:
     return -total / h.shape[0]
 
 
-class PRe:
+@register
+class PRe(Method):
     name = "pre"
+    config_class = PReConfig
 
-    def __init__(self, cfg: PReConfig, num_layers: int, hidden_size: int, vision_hidden_size: int):
-        self.cfg = cfg
+    def __init__(self, cfg: PReConfig, dims: ModelDims):
+        super().__init__(cfg, dims)
         self.weight = cfg.pre_weight
-        self.layer = cfg.layer_index(num_layers)
+        self.layer = cfg.layer_index(dims.num_layers)
         self.hidden_layers = (self.layer,)
-        d_out = hidden_size if cfg.pre_anchor == "pre_llm" else vision_hidden_size
-        self.head = PReHead(hidden_size, d_out)
+        d_out = dims.hidden_size if cfg.pre_anchor == "pre_llm" else dims.vision_hidden_size
+        self.head = self.heads = PReHead(dims.hidden_size, d_out)
         self.needs_visual_features = cfg.pre_anchor == "pre_proj"
 
     def loss(self, cap: StepCapture) -> tuple[torch.Tensor, bool]:

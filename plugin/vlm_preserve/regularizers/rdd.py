@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..capture import StepCapture
 from ..config import ConfigError, choice
+from .base import Method, ModelDims, register
 
 KERNELS = ("rbf", "linear", "poly", "l2")
 
@@ -110,12 +111,13 @@ def subsample(x: torch.Tensor, cap: int, generator: torch.Generator) -> torch.Te
     return x[idx]
 
 
-class RDD:
+@register
+class RDD(Method):
     name = "rdd"
-    hidden_layers: tuple = ()
+    config_class = RDDConfig
 
-    def __init__(self, cfg: RDDConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: RDDConfig, dims: ModelDims | None = None):  # RDD needs no dimension
+        super().__init__(cfg, dims)
         self.weight = cfg.rdd_weight
 
     def loss(self, cap: StepCapture) -> tuple[torch.Tensor, bool]:

@@ -16,6 +16,7 @@ import torch
 
 from ..capture import StepCapture
 from ..config import ConfigError, choice
+from .base import Method, ModelDims, register
 
 VARIANTS = ("uniform", "dynamic")
 
@@ -49,14 +50,14 @@ def soft_label_loss(logits: torch.Tensor, labels: torch.Tensor, variant: str, al
     return ((1 - alpha) * nll - alpha * (q * logp).sum(-1)).mean()
 
 
-class SoftLabel:
+@register
+class SoftLabel(Method):
     name = "soft_label"
-    hidden_layers: tuple = ()
+    config_class = SoftLabelConfig
     replaces_lm_loss = True
 
-    def __init__(self, cfg: SoftLabelConfig):
-        self.cfg = cfg
-        self.weight = 1.0
+    def __init__(self, cfg: SoftLabelConfig, dims: ModelDims | None = None):  # no dimension needed
+        super().__init__(cfg, dims)
 
     def loss(self, cap: StepCapture) -> tuple[torch.Tensor, bool]:
         if cap.labels is None or cap.logits is None:

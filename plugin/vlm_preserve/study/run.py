@@ -263,7 +263,7 @@ class Study:
         """Instruction tuning with `method` (steps/lr: the config's unless given; `callbacks` see the Trainer);
         returns (the trained VLM, Trainer log history, wall seconds)."""
         from .. import attach
-        from ..regularizers import DistillConfig, RDDConfig
+        from ..regularizers import RDDConfig
         from .model import adapter, build_vlm
         spec, c = METHODS[method], self.cfg
         llm = self.load_llm()
@@ -284,12 +284,9 @@ class Study:
             tr.add_callback(cb)
         handle = None
         if spec.get("regularizer"):
-            kw = {}
-            if "rdd" in spec:
-                kw["rdd"] = RDDConfig(**spec["rdd"])
-            if spec["regularizer"] == "distill":
-                kw["distill"], kw["teacher"] = DistillConfig(), self.load_llm()
-            handle = attach(tr, spec["regularizer"], adapter=adapter(vlm, prefix), **kw)
+            configs = [RDDConfig(**spec["rdd"])] if "rdd" in spec else []
+            teacher = self.load_llm() if spec["regularizer"] == "distill" else None
+            handle = attach(tr, spec["regularizer"], *configs, adapter=adapter(vlm, prefix), teacher=teacher)
         self.progress(f"train:{run_dir.name}")
         print(f"[study] stage 2: {method}, seed {seed}: {steps} steps at lr {lr:g}", flush=True)
         t0 = time.time()
