@@ -94,7 +94,8 @@ def test_check_upstream_fails_clearly_on_a_doctored_checkout(tmp_path):
 def test_readme_flag_table_matches_the_config_definitions():
     import dataclasses
 
-    from vlm_preserve.cli.launch import LaunchArguments
+    from vlm_preserve.cli.llava_train import LlavaLaunchArguments
+    from vlm_preserve.cli.nvila_train import NVILALaunchArguments
     from vlm_preserve.monitor import LanguageMonitorConfig
     from vlm_preserve.regularizers import config_classes
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -102,7 +103,7 @@ def test_readme_flag_table_matches_the_config_definitions():
         for f in dataclasses.fields(cls):
             shown = f"`{f.default}`" if f.default != "" else "(empty)"
             assert f"| `--{f.name}` | {shown} |" in readme, f.name
-    for f in dataclasses.fields(LaunchArguments):
+    for f in dataclasses.fields(LlavaLaunchArguments) + dataclasses.fields(NVILALaunchArguments):
         assert f"| `--{f.name}` |" in readme
 
 

@@ -1,6 +1,6 @@
 """Multi-process training on CPU under the HF Trainer's own DistributedDataParallel (torchrun, neither DeepSpeed nor
 FSDP: what the Trainer does on several GPUs by default), 2 ranks over gloo; the runs of test_distributed.py
-(tests/distributed_worker.py --ddp), compared with the same single-process reference.
+(tests/helpers/distributed_worker.py --ddp), compared with the same single-process reference.
 
 The Trainer builds DDP with find_unused_parameters=True (no gradient checkpointing). DDP then looks for the
 parameters the forward used by walking back from the forward's outputs; the PRe head runs after the forward, in
@@ -22,8 +22,8 @@ if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
 
 from safetensors.torch import load_file  # noqa: E402
 
-from distributed_helpers import assert_rows_equal, result, run_worker  # noqa: E402
-from distributed_worker import REGS  # noqa: E402
+from helpers.distributed_runs import assert_rows_equal, result, run_worker  # noqa: E402
+from helpers.distributed_worker import REGS  # noqa: E402
 
 REL = 1e-5
 RUNS = ("pre", REGS[-1].replace(",", "+"))  # the head is PRe's; the full set also saves and resumes

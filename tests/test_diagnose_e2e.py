@@ -46,7 +46,7 @@ def check_outputs(out, names, num_layers, n_samples):
 
 @needs_llava
 def test_upstream_llava_checkpoints_end_to_end(tiny_llava, tmp_path, capsys):
-    from llava_helpers import save_checkpoint
+    from helpers.llava_models import save_checkpoint
 
     ckpts = [save_checkpoint(tiny_llava, tmp_path / name, seed) for name, seed in (("early", 0), ("late", 1))]
     data = write_diagnose_samples(tmp_path / "data", n=8)
@@ -65,7 +65,7 @@ native = pytest.mark.skipif(not hasattr(transformers, "AutoModelForImageTextToTe
 
 @native
 def test_transformers_native_checkpoints_end_to_end(tmp_path, capsys):
-    from native_helpers import save_llava_checkpoint
+    from helpers.native_models import save_llava_checkpoint
 
     ckpts = [save_llava_checkpoint(tmp_path / name, seed) for name, seed in (("a", 0), ("b", 1))]
     data = write_diagnose_samples(tmp_path / "data", n=8)
@@ -81,7 +81,7 @@ def test_transformers_native_checkpoints_end_to_end(tmp_path, capsys):
 
 @native
 def test_generic_adapter_gives_the_native_adapters_numbers(tmp_path):
-    from native_helpers import save_llava_checkpoint
+    from helpers.native_models import save_llava_checkpoint
     from vlm_preserve import GenericAdapter
     from vlm_preserve.diagnostics import LayerDiagnostics, collect
     from vlm_preserve.diagnostics.models import TransformersNative

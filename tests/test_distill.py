@@ -13,25 +13,10 @@ if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
 
 from safetensors.torch import load_file  # noqa: E402
 
-from native_helpers import build, make_batch  # noqa: E402
-from test_native_trainer import rows, trainer_for  # noqa: E402
+from helpers.native_models import build, make_batch, rows, teacher_of, trainer_for  # noqa: E402
 from vlm_preserve import ConfigError, DistillConfig, attach  # noqa: E402
-from vlm_preserve.adapters import transformers_native as native  # noqa: E402
 
 KINDS = ("llava", "llava_next", "llava_onevision")  # Llama, Llama, Qwen2 language models
-
-
-def teacher_of(vlm, noise: float = 0.0, seed: int = 1):
-    """A CausalLM holding the VLM's language model weights (optionally perturbed: a teacher that disagrees)."""
-    t = transformers.AutoModelForCausalLM.from_config(vlm.config.text_config)
-    t.model.load_state_dict(native.language_model(vlm).state_dict())
-    t.lm_head.load_state_dict(vlm.lm_head.state_dict())
-    if noise:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in t.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * noise)
-    return t
 
 
 def step(model, batch, att):

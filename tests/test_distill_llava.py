@@ -9,14 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import needs_llava, paired, run_entry, step_rows
-from test_llava_train import weights
+from helpers.llava_models import weights
 
 pytestmark = needs_llava
 
 
 @pytest.mark.parametrize("gc", [False, True], ids=["plain", "reentrant-checkpointing"])
 def test_teacher_sees_what_the_student_sees_in_upstream_llava(tiny_llava, gc):
-    from llava_helpers import build_model_and_batch
+    from helpers.llava_models import build_model_and_batch
     from vlm_preserve import DistillConfig, attach
     from vlm_preserve.adapters import LlavaAdapter
     adapter = LlavaAdapter()
@@ -45,7 +45,7 @@ def test_teacher_sees_what_the_student_sees_in_upstream_llava(tiny_llava, gc):
 
 def test_data_json_override_reaches_the_batch_and_bad_values_fail(tiny_llava, tmp_path):
     import llava.train.train as upstream
-    from llava_helpers import build_model_and_batch
+    from helpers.llava_models import build_model_and_batch
     from vlm_preserve.adapters.llava import install_route_field
     from vlm_preserve.patching import Patches
     from vlm_preserve.regularizers.distill import ROUTE_KEY

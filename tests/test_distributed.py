@@ -1,5 +1,5 @@
 """Multi-process training on CPU: DeepSpeed ZeRO-2 and ZeRO-3, 2 ranks over gloo (torchrun), the HF Trainer on a
-tiny LlavaForConditionalGeneration with every regularizer (tests/distributed_worker.py does the runs).
+tiny LlavaForConditionalGeneration with every regularizer (tests/helpers/distributed_worker.py does the runs).
 
 - Values: every logged value (loss, lm_loss, each term) at both steps equals the single-process run on the same
   global batches (gradient accumulation 2 over the batches the two ranks get) within REL. Both are fp32; they
@@ -27,9 +27,9 @@ pytest.importorskip("deepspeed")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from distributed_helpers import assert_rows_equal, launch, result, run_worker  # noqa: E402
-from distributed_worker import REGS  # noqa: E402
-from test_distill import teacher_of  # noqa: E402
+from helpers.distributed_runs import assert_rows_equal, launch, result, run_worker  # noqa: E402
+from helpers.distributed_worker import REGS  # noqa: E402
+from helpers.native_models import teacher_of  # noqa: E402
 
 REL = 1e-5
 FULL = REGS[-1].replace(",", "+")

@@ -1,5 +1,5 @@
 """Upstream LLaVA's LlavaLlamaForCausalLM under DeepSpeed ZeRO-3 on 2 CPU processes (gloo), driven through
-`deepspeed.initialize` with the plugin's Attachment (tests/llava_distributed_worker.py; why not through train():
+`deepspeed.initialize` with the plugin's Attachment (tests/helpers/llava_distributed_worker.py; why not through train():
 docs/scale-out.md). Rank 0's batch is text-only, rank 1's has an image: the image terms take their weight-0 path on
 rank 0 (the PRe head still runs, on a placeholder) while the teacher runs on both. Every value of both steps
 equals the single-process run on the same two batches (accumulated): within 1e-4 relative or 1e-6 absolute
@@ -11,14 +11,14 @@ import sys
 import pytest
 
 from conftest import needs_llava
-from distributed_helpers import ROOT, launch
+from helpers.distributed_runs import ROOT, launch
 
 pytestmark = needs_llava
 pytest.importorskip("deepspeed")
 
 
 def test_llava_zero3_text_only_rank_equals_single_process(tiny_llava, tmp_path):
-    worker = [str(ROOT / "tests" / "llava_distributed_worker.py"), str(tiny_llava.root)]
+    worker = [str(ROOT / "tests" / "helpers" / "llava_distributed_worker.py"), str(tiny_llava.root)]
     launch([sys.executable, *worker, str(tmp_path / "ref.json"), "0"], "single-process reference")
     launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *worker, str(tmp_path / "z3.json"),
           "3"], "upstream LLaVA under ZeRO-3 on 2 processes")

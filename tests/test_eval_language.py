@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from checkpoint_helpers import base_llm, build_vlm
+from helpers.checkpoint_models import base_llm, build_vlm
 from vlm_preserve.cli import main
 
 pytest.importorskip("lm_eval", reason="lm-eval is installed in the transformers environment only")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from checkpoint_helpers import ADDED, base_llm, build_vlm
+from helpers.checkpoint_models import ADDED, base_llm, build_vlm
 from conftest import needs_llava
 from vlm_preserve.cli import main
 

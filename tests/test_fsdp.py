@@ -1,6 +1,6 @@
 """Multi-process training on CPU under accelerate FSDP2 (`TrainingArguments(fsdp=True, fsdp_config={"version": 2})`),
 2 ranks over gloo (torchrun), the HF Trainer on a tiny LlavaForConditionalGeneration with every regularizer; the
-same runs as test_distributed.py's DeepSpeed ones (tests/distributed_worker.py --fsdp), compared with the same
+same runs as test_distributed.py's DeepSpeed ones (tests/helpers/distributed_worker.py --fsdp), compared with the same
 single-process reference.
 
 - Values: every logged value at both steps equals the single-process run on the same global batches within REL.
@@ -32,9 +32,9 @@ except (ImportError, AssertionError):
 
 from safetensors.torch import load_file  # noqa: E402
 
-from distributed_helpers import assert_rows_equal, result, run_worker  # noqa: E402
-from distributed_worker import REGS  # noqa: E402
-from test_distill import teacher_of  # noqa: E402
+from helpers.distributed_runs import assert_rows_equal, result, run_worker  # noqa: E402
+from helpers.distributed_worker import REGS  # noqa: E402
+from helpers.native_models import teacher_of  # noqa: E402
 
 REL = 1e-5
 FULL = REGS[-1].replace(",", "+")

@@ -158,4 +158,4 @@ def test_soft_label_replaces_the_lm_loss(tiny_llava):
     assert soft_label_loss(out.logits, cap.labels, "uniform", 0.0).item() == pytest.approx(out.loss.item(), rel=1e-5)
 
 
-from llava_helpers import build_model_and_batch  # noqa: E402
+from helpers.llava_models import build_model_and_batch  # noqa: E402

@@ -6,28 +6,18 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import needs_llava, paired, run_entry, step_rows
+from helpers.llava_models import weights
 
 pytestmark = needs_llava
 
 TERMS = {"rdd": ["rdd_loss"], "pre": ["pre_loss"], "rdd,pre": ["rdd_loss", "pre_loss"],
          "soft_label": ["soft_label_loss"], "attention_tuning": []}
-
-
-def weights(path) -> dict:
-    path = Path(path)
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
-    for f in sorted(path.glob("pytorch_model*.bin")) + sorted(path.glob("adapter_model.bin")):
-        out.update(torch.load(f, map_location="cpu"))
-    return out
 
 
 def test_none_is_bit_identical_to_plain_upstream(tiny_llava, tmp_path):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from checkpoint_helpers import ADDED, base_llm, build_vlm, llm_tensors, read_all, to_llm
+from helpers.checkpoint_models import ADDED, base_llm, build_vlm, llm_tensors, read_all, to_llm
 from vlm_preserve.cli import main
 
 LAYOUTS = ("native-new", "native-old", "llava", "llava-bin", "nvila")

@@ -13,35 +13,16 @@ import pytest
 import torch
 
 from conftest import ROOT, needs_llava, run_entry, step_rows
+from helpers.native_models import word_tokenizer
 from vlm_preserve.config import ConfigError
 from vlm_preserve.monitor import LanguageMonitorConfig, encode, encode_all, language_nll, load_texts, nll_sum
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 TEXTS = [{"text": "the red circle is in the top left corner of the image"},
          {"text": "how many small squares are there"},
          {"messages": [{"role": "user", "content": "what is the color of the shape"},
                        {"role": "assistant", "content": "the shape is blue"},
                        {"role": "user", "content": "and the circle"},
                        {"role": "assistant", "content": "it is a bright yellow circle"}]}]
-
-
-def word_tokenizer(template=True):
-    """A word-level tokenizer over the fixture's words (ids < the native helpers' vocab of 300), BOS `<s>`,
-    optionally a ChatML template."""
-    import transformers as T
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from vlm_preserve.fixtures import _WORDS
-    words = ["[UNK]", "[PAD]", "<s>", "<|im_start|>", "<|im_end|>", "user", "assistant", "User:", "Assistant:",
-             "and", "it", "squares", "are"] + sorted(set(_WORDS))
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
-                                    additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    if template:
-        tok.chat_template = CHATML
-    return tok
 
 
 def write_jsonl(path, items):
@@ -199,7 +180,7 @@ def test_evaluation_leaves_rng_modes_and_grads_as_they_were(llm):
 
 def _native_run(tmp_path, name, *, regularizer=None, monitor=None, resume=None, max_steps=4):
     transformers = pytest.importorskip("transformers")
-    from native_helpers import build, make_batch
+    from helpers.native_models import build, make_batch
 
     from vlm_preserve import attach
     model = build("llava")
@@ -344,11 +325,11 @@ def test_zero3_every_rank_evaluates_and_the_losses_are_unchanged(tmp_path):
     _needs_native()
     pytest.importorskip("deepspeed")
     import transformers
-    from distributed_helpers import launch, result, write_data
+    from helpers.distributed_runs import launch, result, write_data
     data = write_data(tmp_path)
     texts = write_jsonl(tmp_path / "texts.jsonl", TEXTS)
     worker = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-              str(ROOT / "tests" / "distributed_worker.py"), "--data", str(data), "--stage", "3", "--regs", "rdd"]
+              str(ROOT / "tests" / "helpers" / "distributed_worker.py"), "--data", str(data), "--stage", "3", "--regs", "rdd"]
     launch(worker + ["--out", str(tmp_path / "off")], "ZeRO-3 without the monitor")
     launch(worker + ["--out", str(tmp_path / "on"), "--language_monitor", str(texts)], "ZeRO-3 with the monitor")
     off, on = result(tmp_path, "off", "rdd")["rows"], result(tmp_path, "on", "rdd")["rows"]

@@ -16,36 +16,13 @@ if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
 
 from safetensors.torch import load_file  # noqa: E402
 
-from native_helpers import KINDS, build, make_batch  # noqa: E402
+from helpers.native_models import KINDS, build, make_batch, rows, trainer_for  # noqa: E402
 from vlm_preserve import attach  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class Batches(torch.utils.data.Dataset):
-    """Whole pre-built batches (the image-token counts differ per model), one per item."""
-    def __init__(self, model, kind, n=4):
-        self.items = [make_batch(model, kind, seed=i, text_only=(i == 3)) for i in range(n)]
 
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
-def trainer_for(model, kind, out, cls=None, **kw):
-    args = transformers.TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=1, max_steps=kw.pop("max_steps", 4), logging_steps=1,
-        learning_rate=1e-3, save_strategy=kw.pop("save_strategy", "no"), save_steps=kw.pop("save_steps", 2),
-        report_to="none", use_cpu=True, seed=0, remove_unused_columns=False, disable_tqdm=True,
-        gradient_accumulation_steps=kw.pop("gradient_accumulation_steps", 1))
-    return (cls or transformers.Trainer)(model=model, args=args, train_dataset=Batches(model, kind),
-                                         data_collator=lambda xs: xs[0], **kw)
-
-
-def rows(trainer, after=0):
-    return [r for r in trainer.state.log_history if "loss" in r and r["step"] > after]
 
 
 def saved(path) -> dict:

@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
     pytest.skip("needs transformers >= 4.52 (the transformers-native environment)", allow_module_level=True)
 
-from native_helpers import KINDS, build, image_features, make_batch  # noqa: E402
+from helpers.native_models import KINDS, build, image_features, make_batch  # noqa: E402
 from vlm_preserve import ConfigError, GenericAdapter, PReConfig, attach  # noqa: E402
 from vlm_preserve.adapters import transformers_native as native  # noqa: E402
 

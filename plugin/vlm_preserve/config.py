@@ -4,6 +4,7 @@ default or help text is defined once."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 # The label value upstream LLaVA/Bunny/NVILA and transformers all skip in the LM loss (check-upstream verifies it).
@@ -26,3 +27,16 @@ def choice(flag: str, value: str, choices) -> None:
 class PreserveArguments:
     regularizer: str = field(default="none", metadata={
         "help": "Comma-separated preservation methods (e.g. rdd,pre); none = upstream as is."})
+
+
+@dataclass(frozen=True)
+class LossScaling:
+    """What a host trainer does to the loss its `compute_loss` returns, declared by whoever knows the host (a
+    launcher's UpstreamSpec), so the terms weigh the same under every host and gradient accumulation.
+
+    divides_by_ga: True: the trainer divides the loss by the gradient-accumulation steps (transformers' Trainer
+    when the model does not normalise over the accumulated batch itself); False: it does not; None: decide as
+    transformers does (from `num_items_in_batch`, `model_accepts_loss_kwargs`, `compute_loss_func`).
+    times_world_size: the trainer multiplies the loss by the world size (NVILA's training_step)."""
+    divides_by_ga: Optional[bool] = None
+    times_world_size: bool = False

@@ -12,7 +12,7 @@ import os
 import torch
 
 from .attachment import Attachment, without_heads
-from .config import HEADS_FILE
+from .config import HEADS_FILE, LossScaling
 from .regularizers.distill import ROUTE_KEY
 
 
@@ -52,6 +52,7 @@ def _load_full_state(module: torch.nn.Module, state: dict) -> None:
 
 class PreservingMixin:
     """Methods layered over any Trainer class by `preserving_trainer_class`."""
+    _vp_scaling = LossScaling()
 
     def _vp_setup(self, configs: dict, adapter, teacher=None) -> None:
         self._vp = Attachment(self.model, configs, adapter, teacher=teacher)
@@ -86,7 +87,7 @@ class PreservingMixin:
             ga = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
             # a trainer whose training_step also multiplies the loss by the world size (NVILA's) has the terms
             # divided by it too, so they weigh what they weigh under a stock Trainer
-            div = ga * (self.args.world_size if getattr(self, "loss_is_scaled_for_world", False) else 1)
+            div = ga * (self.args.world_size if self._vp_scaling.times_world_size else 1)
             # soft_label replaced the LM loss with a per-micro-batch mean: then the whole loss is divided
             loss = loss / div if self.preserver.replaces_lm_loss else lm_loss + (loss - lm_loss) / div
             # The LM loss is normalised by the tokens of the whole accumulated batch (all ranks, times the world
@@ -124,13 +125,12 @@ class PreservingMixin:
         return model.module.register_forward_hook(hook)
 
     def _vp_ga_scaled(self, num_items_in_batch) -> bool:
-        """Does the trainer skip its division by gradient-accumulation steps?"""
-        if num_items_in_batch is None and getattr(self, "compute_loss_func", None) is None:
-            return False
-        flag = getattr(self, "loss_is_scaled_for_ga", None)
-        return bool(flag if flag is not None else (
-            (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
-            or getattr(self, "compute_loss_func", None) is not None))
+        """Does the trainer skip its division by gradient-accumulation steps? As declared, else as transformers
+        decides."""
+        if self._vp_scaling.divides_by_ga is not None:
+            return not self._vp_scaling.divides_by_ga
+        return ((getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
+                or getattr(self, "compute_loss_func", None) is not None)
 
     def _step_seed(self) -> int:
         step, micro = self._vp_micro
@@ -191,9 +191,11 @@ class PreservingMixin:
         return result
 
 
-def preserving_trainer_class(base: type, configs: dict, adapter=None, teacher=None) -> type:
+def preserving_trainer_class(base: type, configs: dict, adapter=None, teacher=None,
+                             scaling: LossScaling = LossScaling()) -> type:
     """A subclass of `base` (a transformers.Trainer) whose instances attach the configured terms at init
-    (the adapter, if not given, is chosen from the model the trainer receives)."""
+    (the adapter, if not given, is chosen from the model the trainer receives); `scaling`: what `base` does to
+    the loss (default: as transformers' Trainer)."""
 
     def __init__(self, *args, **kwargs):
         base.__init__(self, *args, **kwargs)
@@ -203,4 +205,4 @@ def preserving_trainer_class(base: type, configs: dict, adapter=None, teacher=No
         self._vp_setup(configs, resolve_adapter(self.model, adapter), teacher)
 
     name = f"Preserving{base.__name__}"
-    return type(name, (PreservingMixin, base), {"__init__": __init__, "__qualname__": name})
+    return type(name, (PreservingMixin, base), {"__init__": __init__, "__qualname__": name, "_vp_scaling": scaling})

@@ -21,7 +21,7 @@ def _identify(train_module) -> str | None:
 
 SPEC = UpstreamSpec(command="bunny-train", package="bunny", train_module="bunny.train.train", trainer="BunnyTrainer",
                     model_registry="bunny.model", install=BUNNY_INSTALL, identify=_identify,
-                    data_module="bunny.util.data_utils")
+                    data_module="bunny.util.data_utils", supports_distill=True)
 
 
 def main(argv: list[str] | None = None) -> None:

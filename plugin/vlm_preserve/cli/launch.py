@@ -10,8 +10,15 @@ import dataclasses
 import importlib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
+
+from ..config import LossScaling
+
+
+def upstream_train(upstream, extra, patches) -> None:
+    """The default `UpstreamSpec.start`: upstream's own train()."""
+    upstream.train()
 
 
 @dataclass(frozen=True)
@@ -23,19 +30,16 @@ class UpstreamSpec:
     model_registry: str          # module whose import registers the upstream's configs with AutoConfig
     install: str                 # how to install it
     identify: Callable[[object], Optional[str]]  # given train_module: None if right, else what was found
-    data_module: str = ""        # module defining LazySupervisedDataset / DataCollatorForSupervisedDataset
-    passes_attn_implementation: bool = False
+    data_module: str = ""        # module defining LazySupervisedDataset / DataCollatorForSupervisedDataset (the
+    #                              distill route field is carried through them)
+    supports_distill: bool = False  # can the teacher follow this upstream's sequences (NVILA packs them: no)
+    llm_config_folder: str = ""  # where the LLM's config.json is when the checkpoint's own has no layer count
     adapter: str = "llava"       # a name in vlm_preserve.adapters.ADAPTERS
+    loss_scaling: LossScaling = LossScaling()  # what upstream's trainer does to the loss compute_loss returns
     head_filters: tuple = ("get_peft_state_maybe_zero_3", "get_peft_state_non_lora_maybe_zero_3")  # in train_module,
     # or "module:function": export helpers whose state dicts must not carry the training-only heads
     extra_arguments: Optional[type] = None  # a dataclass of launcher flags of this command
-    start: Optional[Callable] = None  # start(upstream, extra_args, patches): runs training (default upstream.train())
-
-
-@dataclass
-class LaunchArguments:
-    attn_implementation: Optional[str] = field(default=None, metadata={
-        "help": "Passed to upstream train(attn_implementation=...) (LLaVA): flash_attention_2 = upstream's train_mem.py."})
+    start: Callable = upstream_train  # start(upstream, extra_args, patches): runs training
 
 
 def _parser(spec: UpstreamSpec):
@@ -43,8 +47,7 @@ def _parser(spec: UpstreamSpec):
 
     from ..monitor import LanguageMonitorConfig
     from ..regularizers import REGISTRY, config_classes
-    extra = (LanguageMonitorConfig,) + ((LaunchArguments,) if spec.passes_attn_implementation else ())
-    extra += (spec.extra_arguments,) if spec.extra_arguments else ()
+    extra = (LanguageMonitorConfig,) + ((spec.extra_arguments,) if spec.extra_arguments else ())
     parser = HfArgumentParser(config_classes() + extra, allow_abbrev=False, prog=spec.command,
                               description=f"Upstream {spec.package} train() with vlm-preserve regularizers. "
                                           "Every flag not listed here goes to upstream unchanged.")
@@ -81,8 +84,8 @@ def preflight(spec: UpstreamSpec, upstream, configs: dict, names: list[str], ups
     if "pre" in names or "distill" in names:
         importlib.import_module(spec.model_registry)
         cfg = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path)
-        llm_dir = os.path.join(model_args.model_name_or_path, "llm")
-        if not hasattr(cfg, "num_hidden_layers") and os.path.isdir(llm_dir):  # NVILA's layout: the LLM under llm/
+        llm_dir = os.path.join(model_args.model_name_or_path, spec.llm_config_folder)
+        if not hasattr(cfg, "num_hidden_layers") and spec.llm_config_folder and os.path.isdir(llm_dir):
             cfg = transformers.AutoConfig.from_pretrained(llm_dir)
     if "pre" in names:
         configs[PReConfig].layer_index(cfg.num_hidden_layers)
@@ -114,7 +117,6 @@ def run(spec: UpstreamSpec, argv: list[str] | None = None) -> None:
         return
     *cfgs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     extra = cfgs.pop() if spec.extra_arguments else None
-    launch = cfgs.pop() if spec.passes_attn_implementation else None
     monitor = cfgs.pop()
     configs = {type(c): c for c in cfgs}
     try:
@@ -122,7 +124,7 @@ def run(spec: UpstreamSpec, argv: list[str] | None = None) -> None:
         monitor_items = monitor.validate(given_flags(argv, [f.name for f in dataclasses.fields(LanguageMonitorConfig)]))
     except ConfigError as e:
         _fail(spec, str(e))
-    if "distill" in names and not spec.data_module:
+    if "distill" in names and not spec.supports_distill:
         _fail(spec, f"--regularizer distill is not supported by {spec.command} yet: the teacher does not follow "
                     f"{spec.package}'s packed sequences. Use rdd and/or pre here (distill runs with llava-train, "
                     "bunny-train and the Python API).")
@@ -145,7 +147,8 @@ def run(spec: UpstreamSpec, argv: list[str] | None = None) -> None:
             adapter = ADAPTERS[spec.adapter]()
             from ..attachment import without_heads
             from ..trainer import preserving_trainer_class
-            patches.setattr(upstream, spec.trainer, preserving_trainer_class(getattr(upstream, spec.trainer), configs, adapter))
+            patches.setattr(upstream, spec.trainer, preserving_trainer_class(getattr(upstream, spec.trainer), configs, adapter,
+                                                                       scaling=spec.loss_scaling))
             for target in spec.head_filters:
                 module, _, fn = target.rpartition(":")
                 owner = importlib.import_module(module) if module else upstream
@@ -154,7 +157,7 @@ def run(spec: UpstreamSpec, argv: list[str] | None = None) -> None:
             from ..adapters.llava import install_route_field
             from ..compat import allow_numpy_rng_state
             allow_numpy_rng_state(patches)
-            if "distill" in names:
+            if "distill" in names and spec.data_module:
                 install_route_field(patches, importlib.import_module(spec.data_module),
                                     configs[DistillConfig].distill_route_field)
         if monitor_items:  # on top of the class above, if any: the monitor alone adds only its callback
@@ -164,11 +167,6 @@ def run(spec: UpstreamSpec, argv: list[str] | None = None) -> None:
         old_argv = sys.argv
         sys.argv = [old_argv[0] if old_argv else spec.command] + rest
         try:
-            if spec.start:
-                spec.start(upstream, extra, patches)
-            elif spec.passes_attn_implementation:
-                upstream.train(attn_implementation=launch.attn_implementation)
-            else:
-                upstream.train()
+            spec.start(upstream, extra, patches)
         finally:
             sys.argv = old_argv

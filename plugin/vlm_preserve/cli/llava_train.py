@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass, field
+from typing import Optional
 
 from .launch import UpstreamSpec, _parser as _spec_parser, run
 
@@ -21,10 +23,20 @@ def _identify(train_module) -> str | None:
     return None
 
 
+@dataclass
+class LlavaLaunchArguments:
+    attn_implementation: Optional[str] = field(default=None, metadata={
+        "help": "Passed to upstream train(attn_implementation=...) (LLaVA): flash_attention_2 = upstream's train_mem.py."})
+
+
+def _start(upstream, extra: LlavaLaunchArguments, patches) -> None:
+    upstream.train(attn_implementation=extra.attn_implementation)
+
+
 SPEC = UpstreamSpec(command="llava-train", package="llava", train_module="llava.train.train", trainer="LLaVATrainer",
                     model_registry="llava.model", install=LLAVA_INSTALL, identify=_identify,
-                    data_module="llava.train.train",
-                    passes_attn_implementation=True)
+                    data_module="llava.train.train", supports_distill=True,
+                    extra_arguments=LlavaLaunchArguments, start=_start)
 
 
 def _parser():

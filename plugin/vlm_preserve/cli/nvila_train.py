@@ -12,6 +12,7 @@ import runpy
 import socket
 from dataclasses import dataclass, field
 
+from ..config import LossScaling
 from .launch import UpstreamSpec, run
 
 NVILA_INSTALL = ("upstream NVILA is not installed. It is not on PyPI: install it from a checkout of NVlabs/VILA at "
@@ -72,14 +73,14 @@ def cpu_compat(patches) -> None:
 def _start(upstream, extra, patches) -> None:
     if extra.cpu_compat:
         cpu_compat(patches)
-    # NVILA's patched training_step multiplies the loss by grad-accumulation steps x world size
-    patches.setattr(upstream.LLaVATrainer, "loss_is_scaled_for_world", True)
     runpy.run_module("llava.train.train_mem", run_name="__main__", alter_sys=False)
 
 
 SPEC = UpstreamSpec(command="nvila-train", package="llava (NVILA)", train_module="llava.train.train",
                     trainer="LLaVATrainer", model_registry="llava.model", install=NVILA_INSTALL, identify=_identify,
-                    adapter="nvila", extra_arguments=NVILALaunchArguments, start=_start,
+                    adapter="nvila", extra_arguments=NVILALaunchArguments, start=_start, llm_config_folder="llm",
+                    # its patched training_step multiplies the loss by grad-accumulation steps x world size
+                    loss_scaling=LossScaling(times_world_size=True),
                     head_filters=("get_peft_state_maybe_zero_3", "get_peft_state_non_lora_maybe_zero_3",
                                   "llava.train.llava_trainer:get_peft_state_non_lora_maybe_zero_3"))
 

@@ -1,8 +1,8 @@
 """Upstream LLaVA's own LlavaLlamaForCausalLM, driven through `deepspeed.initialize` with the plugin's Attachment
 (llava environment; its pinned accelerate cannot run DeepSpeed on CPU, so not through train(): docs/scale-out.md).
 
-    torchrun --nproc_per_node 2 tests/llava_distributed_worker.py FIXTURE OUT STAGE   # rank 0: text-only batch
-    python tests/llava_distributed_worker.py FIXTURE OUT 0                           # the single-process reference
+    torchrun --nproc_per_node 2 tests/helpers/llava_distributed_worker.py FIXTURE OUT STAGE   # rank 0: text-only batch
+    python tests/helpers/llava_distributed_worker.py FIXTURE OUT 0                           # the single-process reference
 
 Rank 0's batch is text-only (upstream's collator gives each sample a zero image whose features are cut away, so the
 vision tower runs on every rank; the plugin's image terms take their weight-0 path there), rank 1's has an image.
@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from llava_helpers import build_model_and_batch
+from helpers.llava_models import build_model_and_batch
 from vlm_preserve import DistillConfig, attach
 from vlm_preserve.fixtures import TinyLlavaFixture
 from vlm_preserve.regularizers import pre

@@ -117,3 +117,70 @@ def save_llava_checkpoint(path, seed: int = 0):
     T.LlavaForConditionalGeneration(cfg).save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+class Batches(torch.utils.data.Dataset):
+    """Whole pre-built batches (the image-token counts differ per model), one per item."""
+    def __init__(self, model, kind, n=4):
+        self.items = [make_batch(model, kind, seed=i, text_only=(i == 3)) for i in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def trainer_for(model, kind, out, cls=None, **kw):
+    """A CPU Trainer over `Batches` of `model` (extra keywords: a few TrainingArguments, then the Trainer's)."""
+    import transformers as T
+
+    args = T.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=1, max_steps=kw.pop("max_steps", 4), logging_steps=1,
+        learning_rate=1e-3, save_strategy=kw.pop("save_strategy", "no"), save_steps=kw.pop("save_steps", 2),
+        report_to="none", use_cpu=True, seed=0, remove_unused_columns=False, disable_tqdm=True,
+        gradient_accumulation_steps=kw.pop("gradient_accumulation_steps", 1))
+    return (cls or T.Trainer)(model=model, args=args, train_dataset=Batches(model, kind),
+                                         data_collator=lambda xs: xs[0], **kw)
+
+
+def rows(trainer, after=0):
+    return [r for r in trainer.state.log_history if "loss" in r and r["step"] > after]
+
+
+def teacher_of(vlm, noise: float = 0.0, seed: int = 1):
+    """A CausalLM holding the VLM's language model weights (optionally perturbed: a teacher that disagrees)."""
+    import transformers as T
+
+    from vlm_preserve.adapters.transformers_native import language_model
+    t = T.AutoModelForCausalLM.from_config(vlm.config.text_config)
+    t.model.load_state_dict(language_model(vlm).state_dict())
+    t.lm_head.load_state_dict(vlm.lm_head.state_dict())
+    if noise:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in t.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * noise)
+    return t
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def word_tokenizer(template=True):
+    """A word-level tokenizer over the fixture's words (ids < the native helpers' vocab of 300), BOS `<s>`,
+    optionally a ChatML template."""
+    import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from vlm_preserve.fixtures import _WORDS
+    words = ["[UNK]", "[PAD]", "<s>", "<|im_start|>", "<|im_end|>", "user", "assistant", "User:", "Assistant:",
+             "and", "it", "squares", "are"] + sorted(set(_WORDS))
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
+                                    additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    if template:
+        tok.chat_template = CHATML
+    return tok

@@ -1,6 +1,9 @@
 """Build an upstream LLaVA model and a real collated batch from the tiny fixture, the way upstream
 `train()` does (its own classes, dataset and collator), for tests that need the model in-process."""
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 
 
 def build_model_and_batch(fx, *, batch_size=6, gradient_checkpointing=False, text_only=False, seed=0):
@@ -62,4 +65,14 @@ def save_checkpoint(fx, out, seed=0):
     tok = transformers.AutoTokenizer.from_pretrained(fx.llm, use_fast=False)
     tok.pad_token = tok.unk_token
     tok.save_pretrained(out)
+    return out
+
+
+def weights(path) -> dict:
+    path = Path(path)
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    for f in sorted(path.glob("pytorch_model*.bin")) + sorted(path.glob("adapter_model.bin")):
+        out.update(torch.load(f, map_location="cpu"))
     return out

@@ -1,13 +1,13 @@
 """Launching the multi-process test runs: torchrun (or plain python) subprocesses on CPU with a timeout, so a hang
 fails the test instead of blocking CI; the data they share and how their results are compared (test_distributed.py:
-DeepSpeed, test_fsdp.py: accelerate FSDP; tests/distributed_worker.py does the runs)."""
+DeepSpeed, test_fsdp.py: accelerate FSDP; tests/helpers/distributed_worker.py does the runs)."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_TIMEOUT = 420  # s; a run takes ~40 s on 2 loaded cores, plus ~80 s once to compile DeepSpeed's CPU ops
 
 
@@ -35,8 +35,7 @@ def write_data(d: Path) -> Path:
     run trains on (1: rank 0's mixed batch, 2: rank 1's one image, then two mixed ones); returns the data file."""
     import torch
 
-    from native_helpers import build, make_batch
-    from test_distill import teacher_of
+    from helpers.native_models import build, make_batch, teacher_of
     model = build("llava")
     model.save_pretrained(d / "model")
     teacher_of(model, noise=0.05).save_pretrained(d / "teacher")
@@ -49,7 +48,7 @@ def write_data(d: Path) -> Path:
 def run_worker(d: Path, engines: dict, regs: str | None = None) -> Path:
     """The single-process reference into d/ref, then each engine (name -> worker flags) on 2 processes into
     d/<name>, all on the data written to d; returns d."""
-    worker = [str(ROOT / "tests" / "distributed_worker.py"), "--data", str(write_data(d))]
+    worker = [str(ROOT / "tests" / "helpers" / "distributed_worker.py"), "--data", str(write_data(d))]
     worker += ["--regs", regs] if regs else []
     launch([sys.executable, *worker, "--out", str(d / "ref")], "single-process reference")
     for name, flags in engines.items():

@@ -110,7 +110,7 @@ def run(reg: str, out: str, data: dict, stage: int | None, save: bool, resume: s
     trainer = InOrder(model=model, args=args, train_dataset=Items(data["batches"]), data_collator=lambda xs: xs[0])
     handle = attach(trainer, reg, *([DistillConfig(distill_teacher=data["teacher"])] if "distill" in reg else []))
     if monitor:  # the language monitor on every rank, every step (test_monitor.py)
-        from test_monitor import word_tokenizer
+        from helpers.native_models import word_tokenizer
         add_language_monitor(trainer, monitor, steps=1, tokenizer=word_tokenizer())
     trainer.train(resume_from_checkpoint=resume)
     if fsdp:  # really sharded (accelerate's silent DDP fallback would leave plain tensors), the PRe head included
