@@ -64,7 +64,7 @@ def worker_train(config: str, fixture: str, out: str, steps: int, batch: int) ->
     from transformers import TrainerCallback
     from transformers.models.llama import modeling_llama
 
-    from vlm_preserve.fixtures import TinyLlavaFixture
+    from vlm_preserve.testing.fixtures import TinyLlavaFixture
 
     class Probe(TrainerCallback):
         r = {"step_s": [], "cpu_s": [], "tokens": [], "padded": []}
@@ -171,7 +171,7 @@ def step_memory(B, L, d):  # a LOWER bound of the 7B step's per-GPU peak, so the
 
 
 def part_a(args, tmp: str) -> dict:
-    from vlm_preserve.fixtures import build_tiny_llava
+    from vlm_preserve.testing.fixtures import build_tiny_llava
     fx = build_tiny_llava(os.path.join(tmp, "fx"), hidden_size=args.a_hidden, layers=args.a_layers,
                           n_image_samples=48, n_text_samples=16)
     configs = list(dict.fromkeys(["none", *args.configs]))

@@ -24,6 +24,8 @@ if [ -n "${VLM_PRESERVE_NVILA_SRC:-}" ]; then
 fi
 for env in "${envs[@]}"; do
   bash scripts/setup_env.sh "$env"
+  # the plugin itself, editable, so the environment has the console scripts (llava-train, vlm-preserve, ...)
+  ".venv/$env/bin/python" -m pip --disable-pip-version-check -q install --no-deps -e .
   echo "[test] environment $env"
   path="$PWD/plugin:$PWD/tests"
   tests=(${elsewhere[@]+"${elsewhere[@]}"})

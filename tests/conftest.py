@@ -25,7 +25,7 @@ needs_llava = pytest.mark.skipif(not HAS_LLAVA, reason="upstream LLaVA (llava-to
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory):
-    from vlm_preserve.fixtures import build_tiny_llava
+    from vlm_preserve.testing.fixtures import build_tiny_llava
     return build_tiny_llava(tmp_path_factory.mktemp("fixture"))
 
 

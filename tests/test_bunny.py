@@ -22,7 +22,7 @@ except ModuleNotFoundError as e:
 
 from safetensors.torch import load_file  # noqa: E402
 
-from vlm_preserve.fixtures import bunny_train_args, build_tiny_bunny  # noqa: E402
+from vlm_preserve.testing.fixtures import bunny_train_args, build_tiny_bunny  # noqa: E402
 from conftest import paired, step_rows as rows  # noqa: E402
 
 MODEL_TYPES = ["phi-2", "qwen1.5-1.8b"]

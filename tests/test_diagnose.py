@@ -188,7 +188,7 @@ def test_layer_diagnostics_routes_text_and_visual_positions_per_layer():
 
 
 def test_bad_input_gives_clear_errors(tmp_path):
-    from vlm_preserve.fixtures import write_diagnose_samples
+    from helpers.diagnose_samples import write_diagnose_samples
     from vlm_preserve.diagnostics.samples import check_label_map
     from PIL import Image
 

@@ -12,7 +12,7 @@ import torch
 from conftest import needs_llava
 from vlm_preserve.cli import main
 from vlm_preserve.diagnostics import METRICS
-from vlm_preserve.fixtures import write_diagnose_samples
+from helpers.diagnose_samples import write_diagnose_samples
 
 PANELS = {"mixing": 2, "patch": 3, "effdim": 1, "redundancy": 1, "probe": 1}
 

@@ -86,8 +86,8 @@ def test_final_models_have_no_heads_and_equal_the_reference(runs, tmp_path):
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"ZeRO-{stage} {k}: {m}")
 
-    from vlm_preserve.extract import extract_llm
-    from vlm_preserve.merge import merge
+    from vlm_preserve.offline.extract import extract_llm
+    from vlm_preserve.offline.merge import merge
     llm_want = teacher_of(transformers.LlavaForConditionalGeneration.from_pretrained(runs / "ref" / FULL / "final"))
     for src in (ckpt, runs / "zero3" / FULL / "final"):
         out = tmp_path / f"llm-{src.name}"

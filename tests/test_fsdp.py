@@ -80,8 +80,8 @@ def test_final_model_has_no_heads_equals_the_reference_and_merges(runs, tmp_path
         for k, v in want.items():
             torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"{folder.name} {k}: {m}")
 
-    from vlm_preserve.extract import extract_llm
-    from vlm_preserve.merge import merge
+    from vlm_preserve.offline.extract import extract_llm
+    from vlm_preserve.offline.merge import merge
     llm_want = teacher_of(transformers.LlavaForConditionalGeneration.from_pretrained(ref)).state_dict()
     for src in (out / "final", out / "checkpoint-2"):  # a checkpoint folder also holds the heads file, FSDP's files
         llm = tmp_path / f"llm-{src.name}"

@@ -45,7 +45,7 @@ def expected(method, vlm, llm, alpha, density):
 @pytest.mark.parametrize("method,density", [("none", 1.0), ("magnitude", 0.3), ("dare", 0.5)])
 def test_merged_tensors_equal_the_formula(ckpts, tmp_path, monkeypatch, layout, method, density):
     # steps of 7 elements: every tensor spans several steps of the arithmetic, most end in a partial one
-    monkeypatch.setattr("vlm_preserve.merge.CHUNK", 7)
+    monkeypatch.setattr("vlm_preserve.offline.merge.CHUNK", 7)
     root, base, vlms = ckpts
     out = tmp_path / "out"
     assert run_merge(vlms[layout], base, out, "--alpha", ",".join(map(str, ALPHAS)), "--sparsify", method,
@@ -143,7 +143,7 @@ def test_interrupted_merge_leaves_no_output(ckpts, tmp_path):
     root, base, vlms = ckpts
     out = tmp_path / "out"
     slow = ("import sys, time\n"
-            "from vlm_preserve import checkpoints as c\n"
+            "from vlm_preserve.offline import checkpoints as c\n"
             "orig = c.ShardWriter.write\n"
             "def write(self, *a):\n"
             "    orig(self, *a); self.file.flush(); print('WRITING', flush=True); time.sleep(0.5)\n"
@@ -203,7 +203,7 @@ def test_swapped_inputs_and_existing_output(ckpts, tmp_path, capsys):
 def test_bf16_with_a_wider_base_and_added_rows_across_steps(method):
     """The stepped arithmetic (float32 steps, one rounding to bf16) equals the whole-tensor formula bit for bit,
     with the base stored in float32 and 3 rows the VLM added, over several steps and a partial last one."""
-    from vlm_preserve.merge import CHUNK, merge_into, sparsify
+    from vlm_preserve.offline.merge import CHUNK, merge_into, sparsify
     g = torch.Generator().manual_seed(0)
     cols = 512
     rows = (3 * CHUNK + 4 * cols) // cols

@@ -27,7 +27,7 @@ except ModuleNotFoundError as e:
 
 from safetensors.torch import load_file  # noqa: E402
 
-from vlm_preserve.fixtures import build_tiny_nvila, nvila_train_args  # noqa: E402
+from vlm_preserve.testing.fixtures import build_tiny_nvila, nvila_train_args  # noqa: E402
 from conftest import paired, step_rows as rows  # noqa: E402
 
 UPSTREAM = ("from vlm_preserve.cli.nvila_train import cpu_compat; from vlm_preserve.patching import Patches; "

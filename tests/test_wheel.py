@@ -44,9 +44,12 @@ def test_wheel_installs_in_a_fresh_venv_and_its_console_scripts_run(tmp_path):
     code = ("from vlm_preserve.upstream_check import declarations; "
             "print(*(len(declarations(u)['symbols']) for u in ('llava', 'bunny', 'nvila')))")
     shipped = sh(venv / "bin" / "python", "-c", code, cwd=tmp_path, env=env).stdout.split()
-    expected = [str(len(json.loads((ROOT / "patches" / u / "symbols.json").read_text())["symbols"]))
+    expected = [str(len(json.loads((ROOT / "upstream_symbols" / u / "symbols.json").read_text())["symbols"]))
                 for u in ("llava", "bunny", "nvila")]
     assert shipped == expected
+    # every subpackage ships (the offline tools, the fixtures check-upstream runs on)
+    code = "import vlm_preserve.offline.merge, vlm_preserve.offline.eval_language, vlm_preserve.testing.fixtures"
+    sh(venv / "bin" / "python", "-c", code, cwd=tmp_path, env=env)
     # so does the language monitor's builtin text set
     code = "from vlm_preserve.monitor import load_texts; print(len(load_texts('builtin')))"
     assert sh(venv / "bin" / "python", "-c", code, cwd=tmp_path, env=env).stdout.split() == ["40"]

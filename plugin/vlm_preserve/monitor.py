@@ -336,8 +336,8 @@ def checkpoint_nll(path, texts="builtin", *, max_tokens: int = 256, use_fast: bo
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoints import Checkpoint
-    from .extract import extract_llm
+    from .offline.checkpoints import Checkpoint
+    from .offline.extract import extract_llm
     items = load_texts(texts)  # a bad text set fails before anything loads
     with tempfile.TemporaryDirectory() as tmp:
         llm = path

@@ -1,5 +1,5 @@
 """`vlm-preserve check-upstream NAME`: does the installed (or a checked-out) upstream still have every
-symbol the plugin touches, as declared in patches/NAME/symbols.json? Then one tiny patched step."""
+symbol the plugin touches, as declared in upstream_symbols/NAME/symbols.json? Then one tiny patched step."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,11 +15,11 @@ from pathlib import Path
 
 
 def declarations(upstream: str) -> dict:
-    local = Path(__file__).resolve().parents[2] / "patches" / upstream / "symbols.json"  # source checkout
+    local = Path(__file__).resolve().parents[2] / "upstream_symbols" / upstream / "symbols.json"  # source checkout
     if local.exists():
         return json.loads(local.read_text())
     from importlib.resources import files
-    return json.loads((files("vlm_preserve.patches") / upstream / "symbols.json").read_text())
+    return json.loads((files("vlm_preserve.upstream_symbols") / upstream / "symbols.json").read_text())
 
 
 def _resolve(name: str):
@@ -97,7 +97,7 @@ def _tiny_run(upstream: str = "llava") -> str | None:
 def _tiny_run_launcher(upstream: str) -> str | None:
     import torch
 
-    from . import fixtures
+    from .testing import fixtures
     with tempfile.TemporaryDirectory() as tmp:
         if upstream == "nvila":
             from .cli.nvila_train import main as train

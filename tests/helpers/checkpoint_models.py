@@ -1,7 +1,7 @@
 """Tiny checkpoints in every layout the offline tools read, written at test time: a base LlamaForCausalLM and
 VLMs whose language model is that LLM plus noise, with 2 embedding rows added for new tokens.
 
-Each VLM's tensor names are mapped to the LLM's here by hand (not through vlm_preserve.checkpoints), so a
+Each VLM's tensor names are mapped to the LLM's here by hand (not through vlm_preserve.offline.checkpoints), so a
 wrong mapping in the plugin cannot hide behind the same mistake in the fixture."""
 import json
 import random
@@ -41,8 +41,8 @@ def to_llm(layout: str, name: str):
 
 
 def tokenizer(path: Path, added: int = 0):
-    from vlm_preserve.fixtures import _byte_bpe_tokenizer
-    tok = _byte_bpe_tokenizer(path, random.Random(0))
+    from vlm_preserve.testing.fixtures import byte_bpe_tokenizer
+    tok = byte_bpe_tokenizer(path, random.Random(0))
     if added:
         tok.add_special_tokens({"additional_special_tokens": ["<image>", "<im_pad>"][:added]})
         tok.save_pretrained(path)
@@ -174,7 +174,7 @@ def build_vlm(layout: str, path: Path, base: Path) -> Path:
 
 
 def read_all(folder: Path) -> dict:
-    """Every tensor of a checkpoint folder, keyed like vlm_preserve.checkpoints (NVILA: 'llm/<name>')."""
+    """Every tensor of a checkpoint folder, keyed like vlm_preserve.offline.checkpoints (NVILA: 'llm/<name>')."""
     out = {}
     for f in sorted(folder.rglob("*")):
         rel = f.parent.relative_to(folder)

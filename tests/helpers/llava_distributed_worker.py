@@ -17,7 +17,7 @@ import torch
 
 from helpers.llava_models import build_model_and_batch
 from vlm_preserve import DistillConfig, attach
-from vlm_preserve.fixtures import TinyLlavaFixture
+from vlm_preserve.testing.fixtures import TinyLlavaFixture
 from vlm_preserve.regularizers import pre
 
 REG = "rdd,pre,distill"

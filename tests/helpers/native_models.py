@@ -100,9 +100,9 @@ def save_llava_checkpoint(path, seed: int = 0):
     import transformers as T
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from vlm_preserve.fixtures import _WORDS
+    from vlm_preserve.testing.fixtures import WORDS
 
-    words = ["[UNK]", "[PAD]", "<image>"] + sorted(set(_WORDS) | {"USER:", "ASSISTANT:", "It", "What", "colour"})
+    words = ["[UNK]", "[PAD]", "<image>"] + sorted(set(WORDS) | {"USER:", "ASSISTANT:", "It", "What", "colour"})
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
@@ -174,9 +174,9 @@ def word_tokenizer(template=True):
     import transformers as T
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from vlm_preserve.fixtures import _WORDS
+    from vlm_preserve.testing.fixtures import WORDS
     words = ["[UNK]", "[PAD]", "<s>", "<|im_start|>", "<|im_end|>", "user", "assistant", "User:", "Assistant:",
-             "and", "it", "squares", "are"] + sorted(set(_WORDS))
+             "and", "it", "squares", "are"] + sorted(set(WORDS))
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",

@@ -1,7 +1,7 @@
 """LLaVA-architecture codebases: upstream LLaVA (haotian-liu/LLaVA, PyPI `llava-torch`, pinned in
 third_party/llava) and Bunny (BAAI-DCAI/Bunny, third_party/bunny), whose models share the
 `prepare_inputs_labels_for_multimodal` / `get_model().mm_projector` interface. Every symbol touched is
-declared in patches/<upstream>/symbols.json.
+declared in upstream_symbols/<upstream>/symbols.json.
 
 Image positions and token ids: upstream's `prepare_inputs_labels_for_multimodal` returns neither an image
 mask nor the token ids of the sequence it builds (only embeddings). Upstream carries the labels through

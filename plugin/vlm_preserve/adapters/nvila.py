@@ -1,5 +1,5 @@
 """NVILA (NVlabs/VILA, import name `llava`, pinned in third_party/nvila). Every symbol touched is declared in
-patches/nvila/symbols.json.
+upstream_symbols/nvila/symbols.json.
 
 `LlavaLlamaModel` is a wrapper: `model.llm` (a CausalLM: `.model.embed_tokens`, `.model.layers`, `.model.norm`,
 `.lm_head`), `model.vision_tower`, `model.mm_projector`. Media tokens are real vocabulary ids; `_embed` replaces

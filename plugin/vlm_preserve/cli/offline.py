@@ -58,12 +58,12 @@ def run(args) -> int:
     from ..config import ConfigError
     try:
         if args.command == "merge":
-            from ..merge import merge
+            from ..offline.merge import merge
             outs = merge(args.vlm, args.base_llm, args.alpha, args.out, density=args.density,
                          sparsify_method=args.sparsify, seed=args.seed, show_progress=not args.no_progress)
             print("\n".join(map(str, outs)))
         elif args.command == "extract-llm":
-            from ..extract import extract_llm
+            from ..offline.extract import extract_llm
             print(extract_llm(args.vlm, args.out))
         elif args.command == "lang-nll":
             from ..monitor import checkpoint_nll
@@ -72,7 +72,7 @@ def run(args) -> int:
                                        dtype=args.dtype, device=args.device)
                 print(f"{path}\tlang_nll {value:.6f}")
         else:
-            from ..eval_language import eval_language
+            from ..offline.eval_language import eval_language
             report = eval_language(args.base, args.vlm, args.tasks.split(","), args.out, limit=args.limit,
                                    include_path=args.include_path, batch_size=args.batch_size, device=args.device)
             print(report.read_text())

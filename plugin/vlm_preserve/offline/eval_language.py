@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..config import ConfigError
 from .checkpoints import Checkpoint
-from .config import ConfigError
 from .extract import extract_llm
 
 INSTALL = "pip install 'vlm-preserve-plugin[eval]'  (or: pip install lm-eval==0.4.13 matplotlib==3.11.2)"

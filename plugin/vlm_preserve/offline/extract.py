@@ -10,8 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
+from ..config import ConfigError
 from .checkpoints import Checkpoint, ShardWriter, atomic_dir, llm_name, shard_names, write_index
-from .config import ConfigError
 
 # Upstream LLaVA/Bunny register their own model_type on top of a stock LLM's config.
 UPSTREAM_MODEL_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_mpt": "mpt",

@@ -21,7 +21,7 @@ import struct
 import threading
 from pathlib import Path
 
-from .config import HEADS_FILE, HEADS_PREFIX, ConfigError
+from ..config import HEADS_FILE, HEADS_PREFIX, ConfigError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

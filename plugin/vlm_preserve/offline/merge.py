@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import ConfigError
 from .checkpoints import (EMBEDDING_SUFFIXES, Checkpoint, Hasher, ShardWriter, atomic_dir, copy_side_files,
                           llm_name, progress, shard_names, write_index, _nbytes)
-from .config import ConfigError
 
 SPARSIFIERS = ("none", "magnitude", "dare")
 

@@ -1,8 +1,7 @@
-"""Tiny offline fixtures: a random Llama, a slow sentencepiece tokenizer, a random CLIP vision tower and a
-LLaVA-format dataset with generated images and text-only samples, all written to a directory.
-
-They exist so that the real upstream training entry points can run end to end with no hub access
-(tests, `check-upstream`, and the README's main command until the real demo exists).
+"""Tiny offline fixtures: a random LLM (Llama for LLaVA, Phi/Qwen2 for Bunny, Qwen2 for NVILA) with its tokenizer,
+a random vision tower and a LLaVA-format dataset with generated images and text-only samples, all written to a
+directory, so that the real upstream training entry points run end to end with no hub access (the tests,
+`vlm-preserve check-upstream`, the benchmarks).
 """
 from __future__ import annotations
 
@@ -11,8 +10,9 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-_WORDS = (
+WORDS = (
     "red green blue yellow circle square triangle shape image picture color left right top bottom "
     "what is the of in a an this that there how many small large one two three four answer question "
     "describe tell me about please shows contains looks like bright dark center corner"
@@ -26,6 +26,8 @@ class TinyLlavaFixture:
     vision: Path       # tiny CLIPVisionModel + CLIPImageProcessor
     data: Path         # LLaVA-format json
     images: Path       # image folder
+    model_type: str = ""          # build_tiny_bunny: Bunny's --model_type
+    registry: Optional[Path] = None  # build_tiny_nvila: its dataset registry yaml
 
     def train_args(self, output_dir: str | os.PathLike, **overrides) -> list[str]:
         """Upstream LLaVA `train()` flags for a short CPU run on this fixture."""
@@ -50,8 +52,8 @@ class TinyLlavaFixture:
         return out
 
 
-def _sentence(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(_WORDS) for _ in range(n))
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
 def _tokenizer(path: Path, rng: random.Random):
@@ -62,7 +64,7 @@ def _tokenizer(path: Path, rng: random.Random):
     # The conversation template's system prompt is repeated so BPE learns whole words: prompts stay short.
     system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
               "helpful, detailed, and polite answers to the user's questions. USER: ASSISTANT:")
-    corpus.write_text("\n".join([_sentence(rng, 12) for _ in range(400)] + [system] * 200) + "\n")
+    corpus.write_text("\n".join([sentence(rng, 12) for _ in range(400)] + [system] * 200) + "\n")
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(path / "tokenizer"), vocab_size=600, model_type="bpe",
         character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True,
@@ -86,16 +88,16 @@ def _records(images_dir: Path, rng: random.Random, n_image_samples: int, n_text_
         arr[y:y + 12, x:x + 12] = color
         name = f"img_{i:03d}.png"
         Image.fromarray(arr).save(images_dir / name)
-        q = _sentence(rng, rng.randint(3, 8))
-        a = _sentence(rng, rng.randint(2, 10))
+        q = sentence(rng, rng.randint(3, 8))
+        a = sentence(rng, rng.randint(2, 10))
         conv = [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
         if i % 4 == 0:  # multi-turn
-            conv += [{"from": "human", "value": _sentence(rng, 4)}, {"from": "gpt", "value": _sentence(rng, 5)}]
+            conv += [{"from": "human", "value": sentence(rng, 4)}, {"from": "gpt", "value": sentence(rng, 5)}]
         records.append({"id": f"img{i}", "image": name, "conversations": conv})
     for i in range(n_text_samples):
         records.append({"id": f"txt{i}", "conversations": [
-            {"from": "human", "value": _sentence(rng, rng.randint(4, 9))},
-            {"from": "gpt", "value": _sentence(rng, rng.randint(6, 14))}]})
+            {"from": "human", "value": sentence(rng, rng.randint(4, 9))},
+            {"from": "gpt", "value": sentence(rng, rng.randint(6, 14))}]})
     rng.shuffle(records)
     return records
 
@@ -140,7 +142,7 @@ BUNNY_MODEL_TYPES = {"phi-2": "phi", "qwen1.5-1.8b": "qwen2"}
 _EOT = "<|endoftext|>"
 
 
-def _byte_bpe_tokenizer(path: Path, rng: random.Random):
+def byte_bpe_tokenizer(path: Path, rng: random.Random):
     """A byte-level BPE tokenizer without BOS whose only special token is <|endoftext|> (bos = eos = unk),
     the shape of phi-2's and Qwen1.5's tokenizers, which Bunny's `bunny` template is written for."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -153,7 +155,7 @@ def _byte_bpe_tokenizer(path: Path, rng: random.Random):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=[_EOT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([_sentence(rng, 12) for _ in range(400)] + [system] * 200, trainer)
+    tok.train_from_iterator([sentence(rng, 12) for _ in range(400)] + [system] * 200, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=_EOT, eos_token=_EOT, unk_token=_EOT)
     fast.save_pretrained(path)
     return fast
@@ -168,7 +170,7 @@ def build_tiny_bunny(root: str | os.PathLike, model_type: str = "phi-2", *, seed
     if model_type not in BUNNY_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r}: fixtures exist for {', '.join(BUNNY_MODEL_TYPES)}")
     fx, rng = _start(root, seed, "siglip_vision")
-    tok = _byte_bpe_tokenizer(fx.llm, rng)
+    tok = byte_bpe_tokenizer(fx.llm, rng)
     common = dict(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                   num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
@@ -204,40 +206,6 @@ def bunny_train_args(fx: TinyLlavaFixture, output_dir, **overrides) -> list[str]
     return out
 
 
-def write_diagnose_samples(root: str | os.PathLike, *, n: int = 8, seed: int = 0, size: tuple = (40, 32)) -> Path:
-    """A samples json for `vlm-preserve diagnose` under `root`: images (width x height = `size`) of a red or
-    blue square on a dark background, each with a `label` (the colour) and a `mask` (0 background, 1 square,
-    255 a one-pixel unlabeled border). Returns the json's path; image and mask paths are relative to root."""
-    import numpy as np
-    from PIL import Image
-
-    root = Path(root)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(exist_ok=True)
-    rng = random.Random(seed)
-    w, h = size
-    records = []
-    for i in range(n):
-        label = ("red", "blue")[i % 2]
-        img = np.full((h, w, 3), 20, dtype=np.uint8)
-        mask = np.zeros((h, w), dtype=np.uint8)
-        s = rng.randint(h // 3, h // 2)
-        y, x = rng.randrange(1, h - s), rng.randrange(1, w - s)
-        img[y:y + s, x:x + s] = (220, 30, 30) if label == "red" else (30, 30, 220)
-        mask[y:y + s, x:x + s] = 1
-        mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = 255
-        Image.fromarray(img).save(root / "images" / f"{i:03d}.png")
-        Image.fromarray(mask).save(root / "masks" / f"{i:03d}.png")
-        records.append({"id": f"s{i}", "image": f"images/{i:03d}.png", "mask": f"masks/{i:03d}.png", "label": label,
-                        "conversations": [{"from": "human", "value": f"<image>\nWhat colour is the {_sentence(rng, 2)}?"},
-                                          {"from": "gpt", "value": f"It is {label}."}]})
-    records.append({"id": "text-only", "conversations": [{"from": "human", "value": "hello"},
-                                                          {"from": "gpt", "value": "hi"}]})
-    data = root / "samples.json"
-    data.write_text(json.dumps(records, indent=1))
-    return data
-
-
 _CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
            "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
@@ -255,7 +223,7 @@ def build_tiny_nvila(root: str | os.PathLike, *, seed: int = 0, hidden_size: int
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([_sentence(rng, 12) for _ in range(400)] + ["system user assistant"] * 50,
+    tok.train_from_iterator([sentence(rng, 12) for _ in range(400)] + ["system user assistant"] * 50,
                             trainers.BpeTrainer(vocab_size=600, special_tokens=[_EOT, "<|im_start|>", "<|im_end|>"],
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token=_EOT)
