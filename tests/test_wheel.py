@@ -41,7 +41,7 @@ def test_wheel_installs_in_a_fresh_venv_and_its_console_scripts_run(tmp_path):
     p = sh(venv / "bin" / "llava-train", "--regularizer", "rdd", cwd=tmp_path, env=env, check=False)
     assert p.returncode == 2 and "pip install --no-deps llava-torch==1.2.2.post1" in p.stderr
     # the upstream declarations ship inside the wheel
-    code = ("from vlm_preserve.upstream_check import declarations; "
+    code = ("from vlm_preserve.cli.check_upstream import declarations; "
             "print(*(len(declarations(u)['symbols']) for u in ('llava', 'bunny', 'nvila')))")
     shipped = sh(venv / "bin" / "python", "-c", code, cwd=tmp_path, env=env).stdout.split()
     expected = [str(len(json.loads((ROOT / "upstream_symbols" / u / "symbols.json").read_text())["symbols"]))

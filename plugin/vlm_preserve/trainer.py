@@ -15,6 +15,8 @@ from .attachment import Attachment, without_heads
 from .config import HEADS_FILE, LossScaling
 from .regularizers.distill import ROUTE_KEY
 
+_SEED_PRIME, _STEP_PRIME = 1_000_003, 9_973  # the step seed's mixing (_step_seed)
+
 
 
 def _is_dtensor(t) -> bool:
@@ -136,7 +138,9 @@ class PreservingMixin:
         step, micro = self._vp_micro
         micro = micro + 1 if step == self.state.global_step else 0
         self._vp_micro = (self.state.global_step, micro)
-        return (int(self.args.seed) * 1_000_003 + self.state.global_step * 9_973 + micro) % (2 ** 62)
+        # a distinct seed per (run seed, step, micro-batch), the same on every rank and after a resume: the
+        # multipliers are primes larger than any micro-batch count and step count they separate
+        return (int(self.args.seed) * _SEED_PRIME + self.state.global_step * _STEP_PRIME + micro) % (2 ** 62)
 
     def _accumulate(self, logs: dict) -> None:
         for name, value in logs.items():

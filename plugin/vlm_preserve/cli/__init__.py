@@ -15,8 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--source", help="Check this upstream source tree (a checkout) instead of the installed package.")
     c.add_argument("--skip-run", action="store_true", help="Only check symbols and signatures.")
 
-    d = sub.add_parser("demo", help="The study in miniature: base LLM, Full-Tuning and RDD on SmolLM2 + "
-                                    "EfficientNet-Lite0 (easy-vqa); language retention with its CI beside VQA accuracy.")
+    d = sub.add_parser("demo", help="The study in miniature: base LLM, Full-Tuning, LinguDistill and the merge on "
+                                    "SmolLM2 + EfficientNet-Lite0 (easy-vqa); language loss and recovery with CIs "
+                                    "beside VQA accuracy.")
     d.add_argument("--out", default="runs/demo", help="Results directory (default runs/demo); a rerun resumes.")
     d.add_argument("--data-dir", default="", help="Caches (bigbench sdist, features, SmolLM2); default <out>/data.")
     d.add_argument("--tiny", action="store_true", help="A tiny random LLM instead of SmolLM2 (a smoke run).")
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("merge", "extract-llm", "eval-language", "lang-nll"):
         return offline.run(args)
     if args.command == "check-upstream":
-        from ..upstream_check import check_upstream
+        from .check_upstream import check_upstream
         return check_upstream(args.upstream, source=args.source, run=not args.skip_run)
     if args.command == "demo":
         from .demo import demo

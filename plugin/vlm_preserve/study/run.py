@@ -422,7 +422,7 @@ class Study:
 
     def merges(self, vlm, seed: int) -> list[str]:
         """ModelMerge: θ = θ_vlm + α·(θ_llm − θ_vlm) on the language model (projector kept), sparsifier `none`,
-        with merge.py's own `sparsify` (the same arithmetic as `vlm-preserve merge`)."""
+        with offline/merge.py's own `sparsify` (the same arithmetic as `vlm-preserve merge`)."""
         from ..offline.merge import sparsify
         done = []
         base = self.load_llm().state_dict()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def declarations(upstream: str) -> dict:
-    local = Path(__file__).resolve().parents[2] / "upstream_symbols" / upstream / "symbols.json"  # source checkout
+    local = Path(__file__).resolve().parents[3] / "upstream_symbols" / upstream / "symbols.json"  # source checkout
     if local.exists():
         return json.loads(local.read_text())
     from importlib.resources import files
@@ -73,7 +73,7 @@ def _tiny_run_transformers() -> str | None:
     import torch
     import transformers as T
 
-    from . import attach
+    from .. import attach
     text = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
     vision = T.CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
@@ -97,21 +97,21 @@ def _tiny_run(upstream: str = "llava") -> str | None:
 def _tiny_run_launcher(upstream: str) -> str | None:
     import torch
 
-    from .testing import fixtures
+    from ..testing import fixtures
     with tempfile.TemporaryDirectory() as tmp:
         if upstream == "nvila":
-            from .cli.nvila_train import main as train
+            from .nvila_train import main as train
             fx = fixtures.build_tiny_nvila(Path(tmp) / "fx", n_image_samples=4, n_text_samples=2)
             import llava.data.builder as registry  # read VILA_DATASETS at import, already done: add ours
             registry.DATASETS.update(registry.register_datasets(str(fx.registry)))
             args = fixtures.nvila_train_args(fx, Path(tmp) / "run", max_steps=1, per_device_train_batch_size=6)
             args += ["--cpu_compat", str(not torch.cuda.is_available())]
         elif upstream == "bunny":
-            from .cli.bunny_train import main as train
+            from .bunny_train import main as train
             fx = fixtures.build_tiny_bunny(Path(tmp) / "fx", "phi-2", n_image_samples=4, n_text_samples=2)
             args = fixtures.bunny_train_args(fx, Path(tmp) / "run", max_steps=1, per_device_train_batch_size=6)
         else:
-            from .cli.llava_train import main as train
+            from .llava_train import main as train
             fx = fixtures.build_tiny_llava(Path(tmp) / "fx", n_image_samples=4, n_text_samples=2)
             args = fx.train_args(Path(tmp) / "run", max_steps=1, per_device_train_batch_size=6)
         torch.manual_seed(0)
