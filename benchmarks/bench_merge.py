@@ -173,7 +173,7 @@ def main():
     res["ours"] = measure(ours + ["--out", str(work / "ours")])
     res["plugin_import_only"] = measure([py, "-c", "import vlm_preserve.offline.merge, torch"])
     # the recipe's sha256 of both inputs alone (the merge runs it on a thread beside the arithmetic)
-    res["sha256_only"] = measure([py, "-c", "import sys; from vlm_preserve.offline.checkpoints import Hasher; "
+    res["sha256_only"] = measure([py, "-c", "import sys; from vlm_preserve.offline.writing import Hasher; "
                                   "Hasher(*sys.argv[1:]).hashes()", str(vlm), str(llm)])
     print(res["ours"], flush=True)
     shutil.rmtree(work / "ours_cold", ignore_errors=True)

@@ -143,7 +143,7 @@ def test_interrupted_merge_leaves_no_output(ckpts, tmp_path):
     root, base, vlms = ckpts
     out = tmp_path / "out"
     slow = ("import sys, time\n"
-            "from vlm_preserve.offline import checkpoints as c\n"
+            "from vlm_preserve.offline import writing as c\n"
             "orig = c.ShardWriter.write\n"
             "def write(self, *a):\n"
             "    orig(self, *a); self.file.flush(); print('WRITING', flush=True); time.sleep(0.5)\n"

@@ -5,20 +5,13 @@ safetensors and torch only, never transformers, so a merge runs beside any upstr
   `torch.load(mmap=True, weights_only=True)`), including NVILA's subfolders (`llm/`, `vision_tower/`, ...).
 - `llm_name` maps a VLM tensor name to the plain-CausalLM name of the same parameter, per layout; None marks a
   tensor with no LLM counterpart (vision tower, projector).
-- `ShardWriter` writes a safetensors file whose header is fixed up front from shapes and dtypes, then appends
-  one tensor at a time: peak memory is a few tensors whatever the model size.
-- `atomic_dir` builds an output folder beside its final place and renames it only once complete.
+Writing them: `writing.py`.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import mmap
 import os
-import shutil
 import struct
-import threading
 from pathlib import Path
 
 from ..config import HEADS_FILE, HEADS_PREFIX, ConfigError
@@ -30,7 +23,6 @@ DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat1
           "F8_E5M2": "float8_e5m2"}
 # Upstream LLaVA/Bunny keep their multimodal modules under the LLM's own `model.` prefix.
 LLAVA_NON_LLM = ("model.mm_projector.", "model.vision_tower.", "model.vision_resampler.", "model.image_newline")
-LAYOUTS = ("llava", "native-new", "native-old", "nvila", "causal-lm")
 # What a Trainer checkpoint folder holds besides the model (a `zero_to_fp32` output is often written there):
 # the plugin's training-only heads and the trainer's own state. Never model weights.
 TRAINING_ONLY_PREFIX = HEADS_PREFIX + "."  # zero_to_fp32 writes the heads too
@@ -39,7 +31,7 @@ NON_MODEL_FILES = (HEADS_FILE, "training_args.bin", "optimizer.pt", "scheduler.p
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "embed_out.weight", "wte.weight")
 
 
-def _dtype_name(t) -> str:
+def dtype_name(t) -> str:
     import torch
     names = {getattr(torch, v): k for k, v in DTYPES.items()}
     return names[t.dtype]
@@ -87,7 +79,7 @@ class _Folder:
     def spec(self, name: str) -> tuple[str, tuple[int, ...]]:
         h = self._open(self.files[name])
         if isinstance(h, dict):
-            return _dtype_name(h[name]), tuple(h[name].shape)
+            return dtype_name(h[name]), tuple(h[name].shape)
         return h.spec(name)
 
     def get(self, name: str, into=None):
@@ -163,16 +155,45 @@ class Checkpoint:
         return str(folder.files[n] if folder.folder == self.path else Path(folder.folder.name) / folder.files[n])
 
 
+def _llava_llm(name: str) -> str | None:
+    return None if name.startswith(LLAVA_NON_LLM) else name
+
+
+def _native_new_llm(name: str) -> str | None:
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    return name if name.startswith("lm_head.") else None
+
+
+def _native_old_llm(name: str) -> str | None:
+    if not name.startswith("language_model."):
+        return None
+    # transformers 5.23 saves a ZeRO-3 gathered state dict as `language_model.model.model.*` (from_pretrained
+    # reads it back); a CausalLM never has `model.model.*`
+    name = name[len("language_model."):]
+    return "model." + name[len("model.model."):] if name.startswith("model.model.") else name
+
+
+def _nvila_llm(name: str) -> str | None:
+    return name[len("llm/"):] if name.startswith("llm/") else None
+
+
+# layout -> (the tensor-name prefixes that identify it, in detection order; its tensor name -> the plain-CausalLM
+# name, None for a tensor with no LLM counterpart). NVILA is recognised by its llm/ subfolder (Checkpoint).
+LAYOUTS = {
+    "native-new": (("model.language_model.",), _native_new_llm),
+    "native-old": (("language_model.",), _native_old_llm),
+    "llava": (LLAVA_NON_LLM, _llava_llm),
+    "causal-lm": (("model.",), _llava_llm),
+    "nvila": ((), _nvila_llm),
+}
+
+
 def detect_layout(names) -> str:
     names = list(names)
-    if any(n.startswith("model.language_model.") for n in names):
-        return "native-new"
-    if any(n.startswith("language_model.") for n in names):
-        return "native-old"
-    if any(n.startswith(LLAVA_NON_LLM) for n in names):
-        return "llava"
-    if any(n.startswith("model.") for n in names):
-        return "causal-lm"
+    for layout, (prefixes, _) in LAYOUTS.items():
+        if prefixes and any(n.startswith(prefixes) for n in names):
+            return layout
     raise ConfigError("unrecognised checkpoint layout (first tensors: " + ", ".join(names[:3]) + "); expected "
                       "upstream LLaVA/Bunny (model.layers.*, model.mm_projector.*), transformers-native "
                       "(language_model.* or model.language_model.*), NVILA (llm/ subfolder) or a plain CausalLM.")
@@ -180,167 +201,8 @@ def detect_layout(names) -> str:
 
 def llm_name(layout: str, name: str) -> str | None:
     """The plain-CausalLM name (`model.*`, `lm_head.*`) of a VLM tensor, or None if it is not in the LLM."""
-    if layout in ("llava", "causal-lm"):
-        return None if name.startswith(LLAVA_NON_LLM) else name
-    if layout == "native-new":
-        if name.startswith("model.language_model."):
-            return "model." + name[len("model.language_model."):]
-        return name if name.startswith("lm_head.") else None
-    if layout == "native-old":
-        if not name.startswith("language_model."):
-            return None
-        # transformers 5.23 saves a ZeRO-3 gathered state dict as `language_model.model.model.*` (from_pretrained
-        # reads it back); a CausalLM never has `model.model.*`
-        name = name[len("language_model."):]
-        return "model." + name[len("model.model."):] if name.startswith("model.model.") else name
-    if layout == "nvila":
-        return name[len("llm/"):] if name.startswith("llm/") else None
-    raise ValueError(layout)
+    return LAYOUTS[layout][1](name)
 
 
 def is_weight_file(path: Path) -> bool:
     return path.suffix in WEIGHT_SUFFIXES or path.name in INDEXES
-
-
-def copy_side_files(src: Path, dst: Path, keep=lambda p: True) -> None:
-    """Copy config, tokenizer and processor files (everything but weights and hidden files) of one folder."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for p in src.iterdir():
-        if p.is_file() and not p.name.startswith(".") and not is_weight_file(p) and keep(p):
-            shutil.copy2(p, dst / p.name)
-
-
-def shard_names(n: int) -> list[str]:
-    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-
-class ShardWriter:
-    """One safetensors file, written tensor by tensor in the declared order (the header comes first, so every
-    shape and dtype is declared before any data)."""
-
-    def __init__(self, path: Path, specs: list[tuple[str, str, tuple[int, ...]]]):
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        self.order = []
-        for name, dtype, shape in specs:
-            size = _nbytes(dtype, shape)
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-            self.order.append((name, dtype, tuple(shape)))
-            offset += size
-        self.total = offset
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer does
-        self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(raw)) + raw)
-        self.next = 0
-
-    def write(self, name: str, tensor) -> None:
-        want = self.order[self.next]
-        got = (name, _dtype_name(tensor), tuple(tensor.shape))
-        if got != want:
-            raise AssertionError(f"shard writer: expected {want}, got {got}")
-        self.file.write(tensor.contiguous().reshape(-1).view(__import__("torch").uint8).numpy().data)
-        self.next += 1
-
-    def close(self) -> None:
-        if self.next != len(self.order):
-            raise AssertionError(f"shard writer: {len(self.order) - self.next} tensors never written")
-        self.file.close()
-
-
-def _nbytes(dtype: str, shape) -> int:
-    import torch
-    n = 1
-    for d in shape:
-        n *= d
-    return n * getattr(torch, DTYPES[dtype]).itemsize
-
-
-def write_index(folder: Path, files: dict[str, list[str]], total_size: int) -> None:
-    if len(files) > 1:
-        index = {"metadata": {"total_size": total_size},
-                 "weight_map": {n: f for f, names in files.items() for n in names}}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike):
-    """Yield a temporary folder beside `out`; rename it to `out` only if the block completes. A killed run
-    leaves `.NAME.partial-PID` (never `out`), which the next run to the same `out` removes."""
-    out = Path(out).absolute()
-    if out.exists():
-        raise ConfigError(f"--out {out} already exists: remove it or choose another folder (outputs are never "
-                          f"overwritten).")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        if not _alive(stale.name.rsplit("-", 1)[1]):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-
-
-class Hasher(threading.Thread):
-    """sha256 of every file under the given folders, on a background thread: hashlib releases the GIL, so on
-    a multi-core machine hashing overlaps the merge instead of adding a second read of the inputs."""
-
-    def __init__(self, *folders: Path):
-        super().__init__(daemon=True)
-        self.folders, self.result, self.error = folders, {}, None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            for folder in self.folders:
-                files = {}
-                for p in sorted(Path(folder).rglob("*")):
-                    if p.is_file():
-                        files[str(p.relative_to(folder))] = _sha256(p)
-                self.result[str(folder)] = files
-        except Exception as e:  # surfaced by hashes()
-            self.error = e
-
-    def hashes(self) -> dict:
-        self.join()
-        if self.error:
-            raise self.error
-        return self.result
-
-
-def _sha256(path: Path, step: int = 1 << 24) -> str:
-    """sha256 of a file, hashed straight from a read-only mapping (no copy out of the page cache: measured 2.5 s
-    less system time per 4.4 GB than read()), each step unmapped from this process once hashed, so the hashed
-    pages do not count in its RSS."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return h.hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            mm.madvise(mmap.MADV_SEQUENTIAL)
-            view = memoryview(mm)
-            try:
-                for i in range(0, size, step):
-                    h.update(view[i:i + step])
-                    mm.madvise(mmap.MADV_DONTNEED, i, min(step, size - i))
-            finally:
-                view.release()
-    return h.hexdigest()
-
-
-def progress(total_bytes: int, desc: str):
-    from tqdm.auto import tqdm  # a dependency of transformers and huggingface_hub, so always installed
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, mininterval=1.0)

@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 
 from ..config import ConfigError
-from .checkpoints import Checkpoint, ShardWriter, atomic_dir, llm_name, shard_names, write_index
+from .checkpoints import Checkpoint, llm_name
+from .writing import ShardWriter, atomic_dir, shard_names, write_index
 
 # Upstream LLaVA/Bunny register their own model_type on top of a stock LLM's config.
 UPSTREAM_MODEL_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_mpt": "mpt",

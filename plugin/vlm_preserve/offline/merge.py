@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError
-from .checkpoints import (EMBEDDING_SUFFIXES, Checkpoint, Hasher, ShardWriter, atomic_dir, copy_side_files,
-                          llm_name, progress, shard_names, write_index, _nbytes)
+from .checkpoints import EMBEDDING_SUFFIXES, Checkpoint, llm_name
+from .writing import Hasher, ShardWriter, atomic_dir, copy_side_files, nbytes, progress, shard_names, write_index
 
 SPARSIFIERS = ("none", "magnitude", "dare")
 
@@ -163,10 +163,10 @@ def merge(vlm: str, base_llm: str, alphas, out: str, *, density: float = 1.0, sp
     copied_parts = {p for p in v.parts if p and not any(llm_name(v.layout, p + n) for n in v.parts[p].files)}
     written_parts = [p for p in v.parts if p not in copied_parts]
     written = [it for it in items if not any(it.name.startswith(p) for p in copied_parts)]
-    sizes = [_nbytes(it.dtype, it.shape) for it in written]
+    sizes = [nbytes(it.dtype, it.shape) for it in written]
     bar = progress(sum(sizes), "merge") if show_progress else None
     stats = {"merged_tensors": 0, "copied_tensors": 0, "kept_vlm_rows": {}}
-    sizes += [_nbytes(*b.spec(it.llm)) for it in written if it.llm]  # the base may be stored wider (fp32)
+    sizes += [nbytes(*b.spec(it.llm)) for it in written if it.llm]  # the base may be stored wider (fp32)
     io = _Streams(v, b, max(sizes, default=0), len(alphas))
     with atomic_dir(out) as tmp, io:
         roots = [tmp / s for s in subdirs]
@@ -191,12 +191,12 @@ def merge(vlm: str, base_llm: str, alphas, out: str, *, density: float = 1.0, sp
                             stats["kept_vlm_rows"][it.name] = [it.shared_rows, it.shape[0]]
                     io.write(writers, it.name[len(part):], outs)
                     if bar:
-                        bar.update(_nbytes(it.dtype, it.shape))
+                        bar.update(nbytes(it.dtype, it.shape))
                 io.close(writers)
             for root in roots:
                 write_index(root / part, {n: [i.name[len(part):] for i in its]
                                           for n, its in zip(names, files.values())},
-                            sum(_nbytes(i.dtype, i.shape) for its in files.values() for i in its))
+                            sum(nbytes(i.dtype, i.shape) for its in files.values() for i in its))
         hashes = hasher.hashes()
         for a, root in zip(alphas, roots):
             recipe = {"method": "modelmerge", "formula": "theta = theta_vlm + alpha * Sparsify_K(theta_llm - theta_vlm)",
