@@ -472,3 +472,24 @@ def test_demo_prints_degradation_recovery_and_time_left(tmp_path, capsys):
     rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
     assert set(rows) >= {"base", "full", "merge_a0.5", "distill"}
     assert "%" in rows["distill"].split(" | ")[2] and "%" in rows["merge_a0.5"].split(" | ")[2]   # recovery
+
+
+def test_seed_rows_compare_each_run_with_the_same_seeds_full_run():
+    """Seed-to-seed variation, which the seed-averaged table's item CIs leave out: each run on its own, recovery
+    against the Full-Tuning run of its own seed."""
+    from vlm_preserve.study.report import seed_markdown, seed_rows
+
+    def rec(method, seed, chat, text=(1.0, 1.0)):
+        return {"method": method, "seed": seed, "summary": {"vqa_acc": 0.5},
+                "items": {"chat": [{"nll": x} for x in chat], "text": [{"nll": x} for x in text]}}
+    runs = {"base": [rec("base", None, (1.0, 1.0))],
+            "full": [rec("full", 0, (2.0, 2.0)), rec("full", 1, (3.0, 3.0))],
+            "distill": [rec("distill", 0, (1.5, 1.5)), rec("distill", 1, (1.5, 1.5))],
+            "lora": [rec("lora", 0, (1.2, 1.2))]}                       # one seed: not in the block
+    out = seed_rows(runs)
+    assert [(r["method"], r["seed"]) for r in out] == [("full", 0), ("full", 1), ("distill", 0), ("distill", 1)]
+    d0, d1 = out[2], out[3]
+    assert d0["d_chat"][0] == pytest.approx(0.5) and d0["rec_chat"][0] == pytest.approx(0.5)    # (1.5-2)/(1-2)
+    assert d1["rec_chat"][0] == pytest.approx(0.75)                                             # (1.5-3)/(1-3)
+    md = seed_markdown(out)
+    assert "| distill | 2 | +0.500 ± 0.000 | 62% ± 18% |" in md

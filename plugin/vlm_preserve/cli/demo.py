@@ -14,7 +14,7 @@ import time
 # Methods: the merge and LinguDistill (distill), the two that recovered most in the table's seed-0 runs
 # (docs/results.md §2); a shown choice, no setting of either was tuned on those numbers.
 DEMO = dict(methods=("full", "merge", "distill"), seeds=(0,), steps=30, test_images=80, vqa_test_questions=120,
-            report_cap=12, ppl_texts=20, language_report=200, merge_alphas=(0.5,), save_steps=10 ** 6)
+            report_cap=10, ppl_texts=20, language_report=160, merge_alphas=(0.5,), save_steps=10 ** 6)
 
 # Seconds each phase took in the demo's measured run (README), and that machine's fp32 GEMM rate: the time-left
 # estimate starts from these scaled by this machine's measured rate, then follows this run's own pace.

@@ -2,9 +2,13 @@
 the same items), then compared item by item with the base LLM (paired bootstrap, 95% CI) and with Full-Tuning:
 recovery = (method − full) / (base − full), its CI from the same resamples of the items.
 
+Those CIs resample items of the seed-averaged runs, so they leave out seed-to-seed variation; the `seeds` block
+shows it: every run of a method with several seeds on its own, against the base LLM and against the Full-Tuning run
+of the same seed (same projector, same data order), and the spread of those per-seed points.
+
 `write()` fills the generated blocks of a markdown page (between `<!-- generated:table -->` and
-`<!-- /generated:table -->`; the whole file when it has no such block) and draws the plot beside it, from the
-jsons alone: a rerun on the same jsons gives the same bytes.
+`<!-- /generated:table -->`, and `seeds` likewise; the whole file when it has no table block) and draws the plot
+beside it, from the jsons alone: a rerun on the same jsons gives the same bytes.
 """
 from __future__ import annotations
 
@@ -28,13 +32,19 @@ def load_runs(runs_dir: Path) -> dict:
     return runs
 
 
+def _sd(xs: list[float]) -> float:
+    # by hand: Python 3.11's statistics.stdev fails on some equal floats ('float' object has no attribute 'numerator')
+    m = sum(xs) / len(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+
+
 def _ms(xs) -> str:
     xs = [x for x in xs if x == x]
     if not xs:
         return "—"
     if len(xs) == 1:
         return f"{xs[0]:.3f}"
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+    return f"{statistics.mean(xs):.3f} ± {_sd(xs):.3f}"
 
 
 def per_item(recs: list[dict], part: str, key: str) -> list[float]:
@@ -112,6 +122,61 @@ def markdown(table: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def seed_rows(runs: dict) -> list[dict]:
+    """One row per run of every method with two or more seeds: Δ NLL vs the base LLM and recovery vs the same
+    seed's Full-Tuning run, each with its item CI."""
+    base, out = runs["base"], []
+    full = {r["seed"]: r for r in runs.get("full", [])}
+    for method in sorted(runs, key=_order):
+        if len(runs[method]) < 2:
+            continue
+        for rec in runs[method]:
+            row = {"method": method, "seed": rec["seed"], "vqa": rec["summary"].get("vqa_acc", float("nan"))}
+            for part in ("chat", "text"):
+                m, b = per_item([rec], part, "nll"), per_item(base, part, "nll")
+                if not m or not b:
+                    continue
+                row[f"d_{part}"] = paired_bootstrap(m, b)
+                f = per_item([full[rec["seed"]]], part, "nll") if rec["seed"] in full else []
+                if f and method != "full":
+                    row[f"rec_{part}"] = recovery(m, f, b)
+            out.append(row)
+    return out
+
+
+def _spread(xs, kind: str = "nll") -> str:
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return "—"
+    m, sd = statistics.mean(xs), _sd(xs)
+    return {"nll": f"{m:+.3f} ± {sd:.3f}", "pct": f"{100 * m:.0f}% ± {100 * sd:.0f}%", "acc": f"{m:.3f} ± {sd:.3f}"}[kind]
+
+
+def seed_markdown(rows_: list[dict]) -> str:
+    head = ("| method | seed | Δ chat NLL vs base (95% CI) | chat recovery vs same-seed full (95% CI) | "
+            "Δ text NLL vs base (95% CI) | text recovery vs same-seed full (95% CI) | easy-vqa acc |\n"
+            "|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows_:
+        lines.append(f"| {r['method']} | {r['seed']} | {ci(r.get('d_chat'))} | {ci(r.get('rec_chat'), True)} | "
+                     f"{ci(r.get('d_text'))} | {ci(r.get('rec_text'), True)} | {r['vqa']:.3f} |")
+    methods = list(dict.fromkeys(r["method"] for r in rows_))
+    lines.append("")
+    lines.append("Across seeds (mean ± sd of the per-seed points):")
+    lines.append("")
+    lines.append("| method | seeds | Δ chat NLL | chat recovery | Δ text NLL | text recovery | easy-vqa acc |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for m in methods:
+        rs = [r for r in rows_ if r["method"] == m]
+
+        def pts(key):
+            return [r[key][0] if r.get(key) else None for r in rs]
+        lines.append(f"| {m} | {len(rs)} | {_spread(pts('d_chat'))} | {_spread(pts('rec_chat'), 'pct')} | "
+                     f"{_spread(pts('d_text'))} | {_spread(pts('rec_text'), 'pct')} | "
+                     f"{_spread([r['vqa'] for r in rs], 'acc')} |")
+    return head + "\n".join(lines) + "\n"
+
+
 def plot(table: list[dict], path: Path) -> None:
     """Language (Δ chat NLL vs the base LLM, lower is better) against easy-vqa accuracy: one point per method with
     95% CI bars on both axes, the merge α sweep as a line from Full-Tuning."""
@@ -159,8 +224,12 @@ def fill(md: Path, block: str, text: str) -> None:
 
 def write(runs_dir: Path, md: Path) -> Path:
     """The table into `md`'s generated block and the plot beside it (`<md stem>.png`); returns the plot's path."""
-    table = rows(load_runs(runs_dir))
+    runs = load_runs(runs_dir)
+    table = rows(runs)
     png = md.with_suffix(".png")
     fill(md, "table", markdown(table))
+    page = md.read_text()
+    if "<!-- generated:seeds -->" in page:
+        fill(md, "seeds", seed_markdown(seed_rows(runs)))
     plot(table, png)
     return png
