@@ -66,9 +66,8 @@ def _blocks(x: torch.Tensor, rows: torch.Tensor | None, block: int, start: int =
     """(offset, fp32 block) over the rows `rows` of x (all rows where None), from `start`: gathered and cast one
     block at a time, so no gathered or fp32 copy of a whole input exists at once."""
     n = x.shape[0] if rows is None else rows.shape[0]
-    for s in range(start, n, block):
-        b = x[s:s + block] if rows is None else x.index_select(0, rows[s:s + block])
-        yield s, b.float()
+    for s in range(start, n, block):  # one expression: the gathered block is freed as soon as it is cast
+        yield s, (x[s:s + block] if rows is None else x.index_select(0, rows[s:s + block])).float()
 
 
 def mean_heuristic_sigma2(*parts: torch.Tensor, rows=None, block_size: int = 1024) -> torch.Tensor:
@@ -85,9 +84,18 @@ def mean_heuristic_sigma2(*parts: torch.Tensor, rows=None, block_size: int = 102
         return (2 * (sq / n - mean.pow(2).sum()) * n / max(n - 1, 1)).clamp_min(1e-12)
 
 
-def _rbf(a: torch.Tensor, b: torch.Tensor, inv_two_sigma2: torch.Tensor) -> torch.Tensor:
-    sq = (a.pow(2).sum(-1)[:, None] + b.pow(2).sum(-1)[None, :] - 2 * a @ b.T).clamp_min(0)
-    return torch.exp(-sq * inv_two_sigma2)
+def _sq_norms(a: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(a, dim=-1).square()  # a reduction: no (rows × d) temporary, unlike a.pow(2)
+
+
+def _rbf(a: torch.Tensor, a2: torch.Tensor, b: torch.Tensor, inv_two_sigma2: torch.Tensor) -> torch.Tensor:
+    """exp(−‖a_i − b_j‖² / (2σ²)) for one tile; in place after the matmul, so the tile is one (rows × cols) buffer."""
+    sq = torch.addmm(a2[:, None] + _sq_norms(b)[None, :], a, b.T, alpha=-2)
+    return sq.clamp_min_(0).mul_(-inv_two_sigma2).exp_()
+
+
+def _poly_base(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a @ b.T).div_(a.shape[-1]).add_(1)  # k = base³
 
 
 class _BlockedMMD2(torch.autograd.Function):
@@ -106,14 +114,14 @@ class _BlockedMMD2(torch.autograd.Function):
         segs = ((x, x_rows), (y, y_rows))
         n, m = (t.shape[0] if r is None else r.shape[0] for t, r in segs)
         c = ((1 / n ** 2, -1 / (n * m)), (-1 / (n * m), 1 / m ** 2))
-        d = x.shape[-1]
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         with torch.autocast(x.device.type, enabled=False):
             for p in (0, 1):
                 for i, a in _blocks(*segs[p], block):
+                    a2 = _sq_norms(a)
                     for q in range(p, 2):
                         for j, b in _blocks(*segs[q], block, start=i if q == p else 0):
-                            k = _rbf(a, b, inv_two_sigma2) if kernel == "rbf" else (a @ b.T / d + 1).pow(3)
+                            k = _rbf(a, a2, b, inv_two_sigma2) if kernel == "rbf" else _poly_base(a, b).pow_(3)
                             total += (1 if (q == p and j == i) else 2) * c[p][q] * k.sum()
         ctx.save_for_backward(x, None if same else y, x_rows, y_rows, inv_two_sigma2)
         ctx.kernel, ctx.block, ctx.same, ctx.c = kernel, block, same, c
@@ -138,16 +146,19 @@ class _BlockedMMD2(torch.autograd.Function):
                 continue
             t, rows = segs[p]
             for i, a in _blocks(t, rows, ctx.block):
-                acc, rs = torch.zeros_like(a), a.new_zeros(a.shape[0])
+                acc, rs, a2 = torch.zeros_like(a), a.new_zeros(a.shape[0]), _sq_norms(a)
                 for q in (0, 1):
                     for _, b in _blocks(*segs[q], ctx.block):
                         if ctx.kernel == "rbf":
-                            w = _rbf(a, b, inv) * ctx.c[p][q]
+                            w = _rbf(a, a2, b, inv).mul_(ctx.c[p][q])
                             rs += w.sum(1)
                         else:
-                            w = (a @ b.T / d + 1).pow(2) * ctx.c[p][q]
+                            w = _poly_base(a, b).pow_(2).mul_(ctx.c[p][q])
                         acc.addmm_(w, b)
-                ga = (rs[:, None] * a - acc) * (-4 * inv * g) if ctx.kernel == "rbf" else acc * (6 * g / d)
+                if ctx.kernel == "rbf":  # −4s·(rs ⊙ a − acc), in place
+                    ga = acc.addcmul_(rs[:, None], a, value=-1).mul_(4 * inv * g)
+                else:
+                    ga = acc.mul_(6 * g / d)
                 ga = ga.to(t.dtype)
                 if rows is None:
                     out[p][i:i + ga.shape[0]] += ga
