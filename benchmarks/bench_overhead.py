@@ -10,6 +10,10 @@ a long Part B can be split over several invocations; default: all of B_RUNS.)
 A: CPU reference shape, end to end: upstream LLaVA train() on a widened tiny fixture, plain upstream and
    `llava-train --regularizer none|rdd|pre|rdd,pre`, one fresh 1-thread subprocess per run, configs interleaved
    over repeats. Step = on_step_begin -> on_step_end (fwd, bwd, optimizer); memory = peak RSS.
+C (--gpu-1b; benchmarks/gpu_check.sh runs it, CUDA only): a ~1B VLM (transformers' Llava: TinyLlama-1.1B's LLM, a
+   4-layer CLIP-L/14-336 tower, random weights, bf16), the HF Trainer with gradient checkpointing, batch 4 x (600 text
+   + 576 image tokens); plain Trainer (`none`) and attach(rdd | pre | distill), one fresh process each: median step
+   time (CUDA-synchronised) and peak CUDA memory, as ratios to `none`.
 B: LLaVA-1.5-7B shape, the terms alone on CPU: time (fp32, against a GEMM timed just before each rep; RDD's
    current and previous implementations side by side, alternating) and peak extra memory of forward+backward,
    split into the term's own memory and its inputs' gradients, against an *estimated* 7B step.
@@ -192,7 +196,7 @@ def worker_term(term: str, mode: str, dtype: str, impl: str, inputs: str, B: int
         grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
         # The inputs' gradients are alive from the start of the new RDD's backward to its end (it allocates them
         # first), so subtracting them from the backward's peak leaves its own memory exactly; for a path that
-        # makes them later (old RDD: at its last nodes), the same subtraction is a lower bound of its own memory.
+        # makes them later (old RDD: at its last nodes; PRe: chunk by chunk), it is a lower bound of its own memory.
         return {"extra_peak_bytes": max(fwd_peak, bwd_peak), "fwd_peak_bytes": fwd_peak, "bwd_peak_bytes": bwd_peak,
                 "input_grad_bytes": grads, "own_peak_bytes": max(fwd_peak, bwd_peak - grads),
                 "fwd_s": tf, "bwd_s": tb, "note": "times under MALLOC_MMAP_THRESHOLD_: indicative only"}
@@ -214,6 +218,102 @@ def worker_term(term: str, mode: str, dtype: str, impl: str, inputs: str, B: int
             out[i]["bwd_s"].append(timed(loss.backward)[1])
             loss = None
     return out
+
+
+GPU_1B = {"text": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048),
+          "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16,
+                         image_size=336, patch_size=14),
+          "batch": 4, "text_tokens": 600, "image_tokens": 576}
+
+
+def worker_gpu(config: str, out: str, attn: str, steps: int, warmup: int) -> dict:
+    import torch
+    import transformers as T
+
+    from vlm_preserve import attach
+    from vlm_preserve.compat import dtype_kwarg
+    torch.manual_seed(0)
+    g, image_id = GPU_1B, GPU_1B["text"]["vocab_size"] - 1
+    cfg = T.LlavaConfig(text_config=T.LlamaConfig(**g["text"]), vision_config=T.CLIPVisionConfig(**g["vision"]),
+                        image_token_id=image_id)
+    with torch.device("cuda"):
+        model = T.LlavaForConditionalGeneration._from_config(cfg, attn_implementation=attn,
+                                                             **dtype_kwarg(torch.bfloat16))
+    B, nt, nv = g["batch"], g["text_tokens"], g["image_tokens"]
+    batches = []
+    for i in range(steps):
+        gen = torch.Generator().manual_seed(i)
+        ids = torch.randint(5, 31000, (B, nt + nv), generator=gen)
+        ids[:, IMAGE_START:IMAGE_START + nv] = image_id
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                        "labels": ids.masked_fill(ids == image_id, -100),
+                        "pixel_values": torch.randn(B, 3, 336, 336, generator=gen).to(torch.bfloat16)})
+    args = T.TrainingArguments(output_dir=out, per_device_train_batch_size=B, max_steps=steps, bf16=True,
+                               gradient_checkpointing=True, learning_rate=1e-5, logging_steps=1, save_strategy="no",
+                               report_to="none", remove_unused_columns=False, disable_tqdm=True, seed=0)
+    r = {"step_s": []}
+
+    class Probe(T.TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+        def on_step_begin(self, *a, **k):
+            torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            torch.cuda.synchronize()
+            r["step_s"].append(time.perf_counter() - self.t0)
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(batches)
+
+        def __getitem__(self, i):
+            return batches[i]
+
+    trainer = T.Trainer(model=model, args=args, train_dataset=Items(), data_collator=lambda xs: xs[0],
+                        callbacks=[Probe()])
+    if config != "none":
+        teacher = None
+        if config == "distill":  # the student's own LLM as teacher: same shape and cost as the real one
+            with torch.device("cuda"):
+                teacher = T.LlamaForCausalLM._from_config(cfg.text_config, attn_implementation=attn,
+                                                          **dtype_kwarg(torch.bfloat16))
+        attach(trainer, config, teacher=teacher)
+    trainer.train()
+    r.update(median_step_s=med(r["step_s"][warmup:]), peak_cuda_bytes=torch.cuda.max_memory_allocated(),
+             params=sum(p.numel() for p in model.parameters()), device=torch.cuda.get_device_name(),
+             attn=attn)
+    return r
+
+
+def part_c(args, tmp: str) -> dict:
+    try:
+        import flash_attn  # noqa: F401
+        attn = "flash_attention_2"
+    except ImportError:
+        attn = "sdpa"
+    configs, runs = ["none", "rdd", "pre", "distill"], {}
+    for c in configs:
+        runs[c] = run_worker("--_gpu", c, os.path.join(tmp, c), attn, args.c_steps, args.c_warmup)
+        print(f"  C {c:8s} {runs[c]['median_step_s'] * 1e3:8.1f} ms/step, peak {runs[c]['peak_cuda_bytes'] / GIB:.2f} GiB",
+              flush=True)
+    n = runs["none"]
+    for c in configs:
+        runs[c].update(time_ratio=runs[c]["median_step_s"] / n["median_step_s"],
+                       mem_ratio=runs[c]["peak_cuda_bytes"] / n["peak_cuda_bytes"])
+    print(f"\nPart C: ~1B VLM on {n['device']} ({n['params'] / 1e9:.2f} B params, {attn}, bf16, gradient "
+          f"checkpointing), batch {GPU_1B['batch']} x ({GPU_1B['text_tokens']} text + {GPU_1B['image_tokens']} image)"
+          f" tokens; median of {args.c_steps - args.c_warmup} steps")
+    print(f"{'config':8s} {'ms/step':>8s} {'x none':>7s} {'peak GiB':>9s} {'x none':>7s}")
+    for c in configs:
+        r = runs[c]
+        print(f"{c:8s} {r['median_step_s'] * 1e3:8.1f} {r['time_ratio']:7.3f} {r['peak_cuda_bytes'] / GIB:9.2f} "
+              f"{r['mem_ratio']:7.3f}")
+    return {"shape": GPU_1B, "attn": attn, "configs": runs}
 
 
 def rdd_flops(n_t, n_v, d):  # old: kernel matmuls 2d(n_t²+n_v²+n_t·n_v); bwd = recomputed fwd + 2 operand grads
@@ -360,7 +460,7 @@ def part_b(args) -> dict:
               "big buffers mmap'd): fwd = during the forward, bwd = during the backward (the forward's saved tensors "
               "included); in.grad = the bytes of the inputs' gradients (PRe: h and the head's parameters); own = "
               "max(fwd, bwd - in.grad), exact for RDD new (its gradients live through its whole backward), a lower "
-              "bound for RDD old; total = max(fwd, bwd), what runs 1-3 reported; PRe own and total include its "
+              "bound for RDD old and PRe (theirs appear late in their backward); total = max(fwd, bwd), what runs 1-3 reported; PRe own and total include its "
               f"head's ZeRO-3 states ({head_states / MIB:.0f} MiB); % of the per-GPU lower bound")
     print(f"  RDD FLOPs uncapped ({B * nt}+{B * nv} tokens): new {100 * out['rdd_uncapped_flops_frac']['new']:.3f}%, "
           f"old {100 * out['rdd_uncapped_flops_frac']['old']:.3f}% of the step")
@@ -371,6 +471,9 @@ def main() -> None:
     if sys.argv[1:2] == ["--_train"]:
         c, fx, out, *nums = sys.argv[2:]
         return print(json.dumps(worker_train(c, fx, out, *map(int, nums))))
+    if sys.argv[1:2] == ["--_gpu"]:
+        c, out, attn, *nums = sys.argv[2:]
+        return print(json.dumps(worker_gpu(c, out, attn, *map(int, nums))))
     if sys.argv[1:2] == ["--_term"]:
         return print(json.dumps(worker_term(*sys.argv[2:7], *map(int, sys.argv[7:]))))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -380,9 +483,11 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=CONFIGS, help="Part A's configs (default: %(default)s)")
     ap.add_argument("--b-runs", nargs="+", default=B_RUNS, help="Part B's measurements (default: %(default)s)")
     ap.add_argument("--b-reps", type=int, help="Part B's timed reps (default 3; --quick 1)")
+    ap.add_argument("--gpu-1b", action="store_true", help="run Part C only (CUDA): rdd/pre/distill at a ~1B shape")
     args = ap.parse_args()
     args.a_hidden, args.a_layers, args.a_batch = 256, 8, 8
     args.a_steps, args.a_warmup, args.repeats = (5, 2, 1) if args.quick else (12, 2, 3)
+    args.c_steps, args.c_warmup = (6, 2) if args.quick else (14, 4)
     args.b_batch, reps = (2, 1) if args.quick else (16, 3)
     args.b_reps = args.b_reps or reps
     bad = [r for r in args.b_runs if not (r in ("time:rdd", "time:pre") or (r.startswith("mem:") and len(r.split(":")) == 6))]
@@ -398,9 +503,11 @@ def main() -> None:
     print(json.dumps(info))
     t0, res = time.time(), {"info": info}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.skip != "a":
+        if args.gpu_1b:
+            res["part_c"] = part_c(args, tmp)
+        elif args.skip != "a":
             res["part_a"] = part_a(args, tmp)
-        if args.skip != "b":
+        if args.skip != "b" and not args.gpu_1b:
             res["part_b"] = part_b(args)
     info.update(wall_s=time.time() - t0, loadavg_end=os.getloadavg())
     with open(args.json, "w") as f:
