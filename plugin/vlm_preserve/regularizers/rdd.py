@@ -155,7 +155,7 @@ class _BlockedMMD2(torch.autograd.Function):
                         else:
                             w = _poly_base(a, b).pow_(2).mul_(ctx.c[p][q])
                         acc.addmm_(w, b)
-                if ctx.kernel == "rbf":  # −4s·(rs ⊙ a − acc), in place
+                if ctx.kernel == "rbf":  # −4s·(rs ⊙ a − acc), in place: no second (block × d) fp32 buffer
                     ga = acc.addcmul_(rs[:, None], a, value=-1).mul_(4 * inv * g)
                 else:
                     ga = acc.mul_(6 * g / d)
