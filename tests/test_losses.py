@@ -10,6 +10,8 @@ from vlm_preserve.regularizers.pre import PReConfig, PReHead, pre_loss
 from vlm_preserve.regularizers.rdd import RDD, RDDConfig, mean_heuristic_sigma2, mmd2, subsample
 from vlm_preserve.regularizers.soft_label import soft_label_loss
 
+from helpers import rdd_checkpointed
+
 
 def naive_mmd2(x, y, kernel, scale=1.0):
     x, y = x.double(), y.double()
@@ -112,6 +114,114 @@ def test_capped_estimate_within_stated_tolerance(cap, tolerance):
             gen = torch.Generator().manual_seed(seed)
             capped = mmd2(subsample(x, cap, gen), subsample(y, cap, gen), "rbf").item()
             assert abs(capped - exact) <= tolerance * exact, (capped, exact)
+
+
+def dense_mmd2(x, y, kernel):
+    """(MMD², kxx + kyy + 2·kxy) in fp64 with every kernel matrix dense and plain autograd; σ² detached, as the term
+    states. The second is the scale of fp32 rounding: MMD² is a difference of the kernel means."""
+    x, y = x.double(), y.double()
+    z = torch.cat([x, y])
+    n = z.shape[0]
+    sigma2 = (((z[:, None] - z[None]) ** 2).sum(-1).sum() / (n * (n - 1))).detach()
+
+    def k(a, b):
+        if kernel == "rbf":
+            return torch.exp(-((a[:, None] - b[None]) ** 2).sum(-1) / (2 * sigma2))
+        return (a @ b.T / a.shape[1] + 1) ** 3
+    kxx, kyy, kxy = k(x, x).mean(), k(y, y).mean(), k(x, y).mean()
+    return kxx + kyy - 2 * kxy, (kxx + kyy + 2 * kxy).item()
+
+
+def _value_close(got, want, scale):
+    assert abs(got - want) <= 1e-6 * scale, (got, want, scale)
+
+
+def _grads_close(got, want, dtype):
+    """fp32: to fp32 rounding; bf16: the fp64 gradient rounded once to bf16, give or take one rounding."""
+    want = want.to(dtype).float() if dtype == torch.bfloat16 else want.float()
+    rtol = 2 ** -7 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(got.float(), want, rtol=rtol, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["rbf", "poly"])
+def test_recomputing_autograd_function_equals_dense_reference_and_old_path(kernel, dtype):
+    """mmd2 (one autograd function, tiles recomputed in backward) against a dense fp64 reference and against the
+    checkpointed implementation it replaced (tests/helpers/rdd_checkpointed.py): n != m, blocks that split both."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 8, generator=g).to(dtype).requires_grad_()
+    y = (torch.randn(37, 8, generator=g) * 1.5 + 0.7).to(dtype).requires_grad_()
+    new = mmd2(x, y, kernel, block_size=7)
+    gx, gy = torch.autograd.grad(new, [x, y])
+    old = rdd_checkpointed.mmd2(x, y, kernel, block_size=7)
+    ox, oy = torch.autograd.grad(old, [x, y])
+    ref, scale = dense_mmd2(x, y, kernel)
+    rx, ry = torch.autograd.grad(ref, [x, y])
+    assert new.dtype == torch.float32
+    _value_close(new.item(), ref.item(), scale)
+    _value_close(new.item(), old.item(), scale)
+    for got, want, was in ((gx, rx, ox), (gy, ry, oy)):
+        assert got.dtype == dtype
+        _grads_close(got, want, dtype)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, was, rtol=1e-4, atol=1e-6 * was.abs().max().item())
+        else:  # the old path summed its blocks' gradients in bf16; this one sums in fp32 and rounds once
+            err_new, err_old = ((t.float() - want.float()).abs().max().item() for t in (got, was))
+            assert err_new <= err_old and err_old <= 0.05 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["rbf", "poly"])
+@pytest.mark.parametrize("max_tokens", [0, 13])
+def test_rdd_loss_reads_rows_in_place_and_equals_the_gathering_path(kernel, dtype, max_tokens):
+    """RDD.loss passes row indices into the step's embeddings instead of gathered copies: same value and gradient as
+    the old loss (gather, subsample, checkpointed MMD²) and as the dense reference on the same rows, capped
+    (13 of 21 text and of 18 image tokens) and uncapped."""
+    g = torch.Generator().manual_seed(4)
+    e = torch.randn(3, 17, 8, generator=g).to(dtype).requires_grad_()
+    img = torch.zeros(3, 17, dtype=torch.bool)
+    img[:, 2:8] = True
+    attn = torch.ones(3, 17, dtype=torch.bool)
+    attn[1, 12:], attn[2, 10:] = False, False
+    cap = StepCapture(inputs_embeds=e, image_mask=img, attention_mask=attn, step_seed=11)
+    cfg = RDDConfig(rdd_kernel=kernel, rdd_max_tokens=max_tokens, rdd_block_size=5)
+    new, valid = RDD(cfg).loss(cap)
+    (g_new,) = torch.autograd.grad(new, e)
+    old, _ = rdd_checkpointed.rdd_loss(cap, cfg)
+    (g_old,) = torch.autograd.grad(old, e)
+    gen = torch.Generator().manual_seed(11)
+    t = rdd_checkpointed.subsample(e[attn & ~img], max_tokens, gen)
+    v = rdd_checkpointed.subsample(e[img], max_tokens, gen)
+    assert (t.shape[0], v.shape[0]) == ((13, 13) if max_tokens else (21, 18))
+    ref, scale = dense_mmd2(t, v, kernel)
+    (g_ref,) = torch.autograd.grad(ref, e)
+    assert valid
+    _value_close(new.item(), ref.item(), scale)
+    _value_close(new.item(), old.item(), scale)
+    _grads_close(g_new, g_ref, dtype)
+    assert (g_new[~attn] == 0).all() and (g_new[img] != 0).any()
+    if dtype == torch.float32:
+        torch.testing.assert_close(g_new, g_old, rtol=1e-4, atol=1e-6 * g_old.abs().max().item())
+
+
+def test_only_the_inputs_that_need_it_get_a_gradient(xy):
+    x, y = xy
+    a = x.clone().requires_grad_()
+    (ga,) = torch.autograd.grad(mmd2(a, y, block_size=9), a)
+    (gr,) = torch.autograd.grad(dense_mmd2(a, y, "rbf")[0], a)
+    _grads_close(ga, gr, torch.float32)
+    b = x.clone().requires_grad_()  # one tensor on both sides: the two gradients land in one buffer
+    (gb,) = torch.autograd.grad(mmd2(b, b, block_size=9), b)
+    assert gb.abs().max().item() < 1e-6
+
+
+def test_fp32_under_an_enclosing_autocast(xy):
+    x, y = (t.clone().requires_grad_() for t in xy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v = mmd2(x, y, block_size=9)
+        (g,) = torch.autograd.grad(v, x)
+    (g_ref,) = torch.autograd.grad(dense_mmd2(x, y, "rbf")[0], x)
+    _grads_close(g, g_ref, torch.float32)
 
 
 def test_fp32_whatever_the_input_dtype(xy):

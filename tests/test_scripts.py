@@ -67,3 +67,14 @@ def test_fetch_upstreams_names_a_missing_pin(tmp_path):
                        text=True, env=dict(os.environ, VLM_PRESERVE_BUNNY_URL=str(mirror)))
     assert p.returncode == 1 and "commit 08273acbd83b6836c03dce25cc134eb6b9cedba5 not found" in p.stderr
     assert "export" not in p.stdout
+
+
+def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_0(tmp_path):
+    """benchmarks/gpu_check.sh on a machine without CUDA (CUDA_VISIBLE_DEVICES hides any GPU): one clear line, exit
+    0, nothing written; the check runs before anything is built or measured, so this takes one torch import."""
+    out = tmp_path / "gpu.json"
+    p = subprocess.run(["bash", ROOT / "benchmarks" / "gpu_check.sh", out], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("\n") == 1 and p.stdout.startswith("gpu_check: no CUDA device here"), p.stdout
+    assert not out.exists()

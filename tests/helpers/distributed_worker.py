@@ -12,6 +12,9 @@ the teacher does not run there); a hang here times the launcher out.
 
 For `rdd,pre,distill` the run also saves a checkpoint at each step and resumes a fresh trainer from checkpoint-1.
 Results (log rows, resumed rows) go to OUT/<regularizers>/result.json from rank 0.
+
+--cuda (benchmarks/gpu_check.sh): the same runs on GPUs, DeepSpeed over NCCL, one rank per GPU; with a single rank
+the distributed run accumulates 2 micro-batches as the reference does, so the global batches still agree.
 """
 import argparse
 import json
@@ -85,18 +88,19 @@ def fsdp_on_cpu() -> None:
 
 
 def run(reg: str, out: str, data: dict, stage: int | None, save: bool, resume: str | None = None,
-        fsdp: bool = False, ddp: bool = False, monitor: str = ""):
+        fsdp: bool = False, ddp: bool = False, monitor: str = "", cuda: bool = False):
     if fsdp:
         fsdp_on_cpu()
     if stage:
         # On GPUs accelerate starts DeepSpeed's communication backend when TrainingArguments set up the devices;
         # with use_cpu it does not, and zero.Init (in from_pretrained) would then count a world size of 1.
         import deepspeed
-        deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    ranks = int(os.environ.get("WORLD_SIZE", 1)) if stage or fsdp or ddp else 1
     args = transformers.TrainingArguments(
-        output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=1 if stage or fsdp or ddp else 2,
+        output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=2 // ranks,
         max_steps=2, logging_steps=1, learning_rate=1e-3, save_strategy="steps" if save else "no", save_steps=1,
-        report_to="none", use_cpu=True, seed=0, remove_unused_columns=False, disable_tqdm=True,
+        report_to="none", use_cpu=not cuda, seed=0, remove_unused_columns=False, disable_tqdm=True,
         deepspeed=ds_config(stage) if stage else None,
         fsdp=fsdp, fsdp_config=dict(FSDP_CONFIG) if fsdp else None)
     model = transformers.LlavaForConditionalGeneration.from_pretrained(data["model"], dtype=torch.float32)
@@ -132,6 +136,7 @@ def main(argv):
     p.add_argument("--ddp", action="store_true", help="the Trainer's own DDP (torchrun, neither DeepSpeed nor FSDP)")
     p.add_argument("--language_monitor", default="", help="a language monitor text set, evaluated every step")
     p.add_argument("--regs", default=",".join(r.replace(",", "+") for r in REGS))
+    p.add_argument("--cuda", action="store_true", help="on GPUs (DeepSpeed over NCCL) instead of CPU (gloo)")
     a = p.parse_args(argv)
     # Small chunks, so ranks with different visual-token counts (32 and 16 at step 1) run the PRe head a different
     # number of times per forward unless the plugin prevents it (ZeRO-3 gathers the head's weights on each call).
@@ -142,7 +147,7 @@ def main(argv):
         reg = reg.replace("+", ",")
         out = os.path.join(a.out, reg.replace(",", "+"))
         full = reg == REGS[-1]
-        engine = dict(stage=a.stage or None, fsdp=a.fsdp, ddp=a.ddp)
+        engine = dict(stage=a.stage or None, fsdp=a.fsdp, ddp=a.ddp, cuda=a.cuda)
         result = {"rows": run(reg, out, data, save=full, monitor=a.language_monitor, **engine)}
         if full and (a.stage or a.fsdp or a.ddp):
             result["resumed"] = run(reg, out + "-resumed", data, save=False, resume=os.path.join(out, "checkpoint-1"),
