@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -181,7 +180,6 @@ def term_setup(term: str, impl: str, inputs: str, dtype: str, B: int, nt: int, n
 def worker_term(term: str, mode: str, dtype: str, impl: str, inputs: str, B: int, nt: int, nv: int, d: int,
                 cap: int, reps: int) -> dict:
     """mode mem: peak memory of one fwd+bwd. mode time: fwd and bwd times; for RDD, old and new alternating."""
-    import torch
     if mode == "mem":
         fwd, params = term_setup(term, impl, inputs, dtype, B, nt, nv, d, cap)
         fwd(0, small=True).backward()
