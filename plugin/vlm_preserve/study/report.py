@@ -1,6 +1,6 @@
 """The table from the run jsons. Per method, per-item scores are averaged over its seeds (every seed is scored on
-the same items), then compared item by item with the base LLM (paired bootstrap, 95% CI) and with Full-Tuning:
-recovery = (method − full) / (base − full), its CI from the same resamples of the items.
+the same items), then compared item by item with the base LLM (paired bootstrap, 95% CI) and with the Full-Tuning
+runs of the same seeds: recovery = (method − full) / (base − full), its CI from the same resamples of the items.
 
 Those CIs resample items of the seed-averaged runs, so they leave out seed-to-seed variation; the `seeds` block
 shows it: every run of a method with several seeds on its own, against the base LLM and against the Full-Tuning run
@@ -84,7 +84,10 @@ def rows(runs: dict) -> list[dict]:
                 continue
             row[f"{part}_nll"] = mean(m)
             row[f"d_{part}"] = paired_bootstrap(m, b)
-            f = per_item(full, part, "nll") if full else []
+            # against the Full-Tuning runs of the method's own seeds (same projector, same data order), so a
+            # one-seed row is not measured against another seed's forgetting
+            same = [r for r in full or [] if r["seed"] in row["seeds"]]
+            f = per_item(same, part, "nll") if same else []
             if f and method not in ("base", "full"):
                 row[f"rec_{part}"] = recovery(m, f, b)
             row[f"{part}_n"] = len(m)
