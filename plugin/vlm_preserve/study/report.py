@@ -189,12 +189,11 @@ def plot(table: list[dict], path: Path) -> None:
     pts = [r for r in table if "d_chat" in r and "vqa_ci" in r]
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.axhline(0.0, color="gray", ls="--", lw=1, label="base LLM (no change)")
-    for r in pts:
-        if r["method"].startswith("merge_a"):
-            continue
+    for i, r in enumerate(r for r in pts if not r["method"].startswith("merge_a")):
         (y, ylo, yhi), (x, xlo, xhi) = r["d_chat"], r["vqa_ci"]
-        ax.errorbar(x, y, yerr=[[y - ylo], [yhi - y]], xerr=[[x - xlo], [xhi - x]], fmt="o", ms=5, capsize=2,
-                    label=r["method"])
+        # the colour cycle has 10 colours: later methods get another marker, so no two points look alike
+        ax.errorbar(x, y, yerr=[[y - ylo], [yhi - y]], xerr=[[x - xlo], [xhi - x]], fmt="o^D"[i // 10 % 3], ms=5,
+                    capsize=2, label=r["method"])
     merge = sorted((r for r in pts if r["method"].startswith("merge_a")), key=lambda r: float(r["method"][7:]))
     full = [r for r in pts if r["method"] == "full"]
     if merge:
