@@ -13,16 +13,19 @@ import time
 # reply likelihood, CI [+0.109, +0.180], at step 25 (docs/results.md §1; a checkpoint of a longer cosine run).
 # Methods: the merge and LinguDistill (distill), the two that recovered most in the table's seed-0 runs
 # (docs/results.md §2); a shown choice, no setting of either was tuned on those numbers.
-# Item counts: the fresh-clone run of 2026-12-03 took 17 min at 123 GFLOP/s with 160 / 120 / 10 per task; its four
-# evaluations were 2/3 of the time (per base-LLM evaluation: language NLL 55 s, bigbench 24 s, perplexity 6 s,
-# easy-vqa ~50 s), so each count was cut by about a quarter to a half.
+# Item counts: a fresh-clone run with 160 / 120 / 10 per task took 17 min at 123 GFLOP/s, its four evaluations 2/3
+# of the time (per base-LLM evaluation: language NLL 55 s, bigbench 24 s, perplexity 6 s, easy-vqa ~50 s), so each
+# count was cut by about a quarter to a half; with these counts the fresh-clone run took 14 min 47 s (README).
 DEMO = dict(methods=("full", "merge", "distill"), seeds=(0,), steps=30, test_images=80, vqa_test_questions=80,
             report_cap=5, ppl_texts=20, language_report=120, merge_alphas=(0.5,), save_steps=10 ** 6)
 
 # Seconds each phase took in the demo's measured run (README), and that machine's fp32 GEMM rate: the time-left
 # estimate starts from these scaled by this machine's measured rate, then follows this run's own pace.
-REFERENCE_GFLOPS = 154.0   # the README's run, 2026-12-02: phases as its progress lines timed them
-REFERENCE_S = {"eval:base": 156.0, "stage1": 54.0, "train": 4.5, "eval": 130.0}
+# The README's run, 2026-12-03 (14 min 47 s on a fresh clone): phases as its progress lines timed them; the rate is
+# that machine's, idle right after the run, by today's best-of-rounds probe (the single short round it printed at its
+# start read 65).
+REFERENCE_GFLOPS = 170.0
+REFERENCE_S = {"eval:base": 144.0, "stage1": 60.0, "train": 5.4, "eval": 97.0}
 
 
 class Progress:

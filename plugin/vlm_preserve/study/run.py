@@ -134,10 +134,14 @@ def cpu_gflops() -> float:
     if not _GFLOPS:
         a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
         a @ b
-        t0 = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        _GFLOPS.append(round(5 * 2 * 1024 ** 3 / (time.perf_counter() - t0) / 1e9, 1))
+        best, start = 0.0, time.perf_counter()
+        # The best of ~1 s of rounds: a single short round read half the idle rate right after a pip install.
+        while time.perf_counter() - start < 1.0:
+            t0 = time.perf_counter()
+            for _ in range(5):
+                a @ b
+            best = max(best, 5 * 2 * 1024 ** 3 / (time.perf_counter() - t0) / 1e9)
+        _GFLOPS.append(round(best, 1))
     return _GFLOPS[0]
 
 
