@@ -1,4 +1,4 @@
-"""LinguDistill on transformers-native VLMs (Llama and Qwen2 LLMs): the plumbing proofs (the teacher sees
+"""LinguDistill on transformers-native VLMs (Llama, Qwen2 and Gemma 3 LLMs): the plumbing proofs (the teacher sees
 exactly what the student sees when its weights are the student's LLM, so KL and gradient are 0), routing,
 gradient checkpointing, and the Trainer path (logged, student-only gradients, teacher unchanged and never
 saved). Upstream LLaVA's side is in test_distill_llava.py."""
@@ -16,7 +16,8 @@ from safetensors.torch import load_file  # noqa: E402
 from helpers.native_models import build, make_batch, rows, teacher_of, trainer_for  # noqa: E402
 from vlm_preserve import ConfigError, DistillConfig, attach  # noqa: E402
 
-KINDS = ("llava", "llava_next", "llava_onevision")  # Llama, Llama, Qwen2 language models
+# Llama, Llama, Qwen2, Gemma 3 (bidirectional among image tokens only), Qwen2, Llama, Llama language models
+KINDS = ("llava", "llava_next", "llava_onevision", "gemma3", "internvl", "idefics3", "smolvlm")
 
 
 def step(model, batch, att):
@@ -79,9 +80,11 @@ def test_bad_teacher_and_layers_fail_clearly(tmp_path):
     model.save_pretrained(tmp_path / "vlm")
     with pytest.raises(ConfigError, match="vision-language checkpoint"):
         attach(model, "distill", DistillConfig(distill_teacher=str(tmp_path / "vlm")))
-    qwen = build("qwen2_vl")
-    with pytest.raises(ConfigError, match="M-RoPE"):
-        attach(qwen, "distill", teacher=torch.nn.Module())  # refused before the teacher is looked at
+    for kind in ("qwen2_vl", "qwen3_vl"):
+        with pytest.raises(ConfigError, match="M-RoPE"):
+            attach(build(kind), "distill", teacher=torch.nn.Module())  # refused before the teacher is looked at
+    with pytest.raises(ConfigError, match="prompt attends bidirectionally"):
+        attach(build("paligemma"), "distill", teacher=torch.nn.Module())
 
 
 def test_routing_rule_and_per_sample_override():

@@ -15,7 +15,8 @@ from vlm_preserve.adapters import transformers_native as native  # noqa: E402
 
 
 def image_inputs(batch):
-    return {k: v for k, v in batch.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
+    keys = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask")
+    return {k: v for k, v in batch.items() if k in keys}
 
 
 def forward(model, batch, att=None):
@@ -131,17 +132,59 @@ def test_text_only_batch_runs_the_zero_weighted_path(kind):
     assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in att.heads.parameters())
 
 
-def test_pre_proj_anchor_on_llava_and_a_clear_refusal_elsewhere():
-    model = build("llava")
-    batch = make_batch(model, "llava")
+def vision_tower_features(model, kind, pixel_values):
+    """What the projector receives, from the vision tower itself: Llava's penultimate layer without CLS
+    ("default" strategy), PaliGemma's last layer."""
+    if kind == "llava":
+        return model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
+    return model.model.vision_tower(pixel_values).last_hidden_state
+
+
+@pytest.mark.parametrize("kind", ["llava", "paligemma"])
+def test_pre_proj_anchor_is_the_vision_towers_features(kind):
+    model = build(kind)
+    batch = make_batch(model, kind)
     att = attach(model, "pre", PReConfig(pre_anchor="pre_proj"))
     model(**batch, **att.forward_kwargs())
     feats = att.session.capture.visual_features
-    vt = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:]
+    vt = vision_tower_features(model, kind, batch["pixel_values"])
     torch.testing.assert_close(feats, vt.reshape(-1, vt.shape[-1]))
     att.detach()
-    with pytest.raises(ConfigError, match="pre_proj is supported for LlavaForConditionalGeneration only"):
-        attach(build("qwen2_vl"), "pre", PReConfig(pre_anchor="pre_proj"))
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "gemma3", "internvl", "idefics3"])
+def test_pre_proj_anchor_refused_where_the_projector_merges_patches(kind):
+    with pytest.raises(ConfigError, match="pre_proj is supported for LlavaForConditionalGeneration, PaliGemma"):
+        attach(build(kind), "pre", PReConfig(pre_anchor="pre_proj"))
+
+
+def test_cross_attention_vlm_is_refused_with_the_reason():
+    """Mllama's images enter the language model through cross-attention layers: no visual tokens in its sequence."""
+    T = transformers
+    text = T.MllamaTextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1], pad_token_id=0)
+    vision = T.MllamaVisionConfig(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+                                  intermediate_size=64, vision_output_dim=64, image_size=32, patch_size=8,
+                                  max_num_tiles=1, intermediate_layers_indices=[0], supported_aspect_ratios=[[1, 1]])
+    cfg = T.MllamaConfig(text_config=text, vision_config=vision, image_token_index=299)
+    model = T.MllamaForConditionalGeneration(cfg)
+    for terms in ("rdd", "pre"):
+        with pytest.raises(ConfigError, match="MllamaForConditionalGeneration is not supported: its images enter the "
+                                              "language model by cross-attention, so there are no visual tokens"):
+            attach(model, terms)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_qwen3_vl_deepstack_mergers_train_with_the_projector_under_attention_tuning():
+    model = build("qwen3_vl")
+    model.requires_grad_(False)
+    att = attach(model, "attention_tuning")
+    visual = model.model.visual
+    assert all(p.requires_grad for p in visual.merger.parameters())
+    assert all(p.requires_grad for p in visual.deepstack_merger_list.parameters())
+    assert not any(p.requires_grad for p in visual.blocks.parameters())
+    att.detach()
+    assert not any(p.requires_grad for p in model.parameters())
 
 
 def test_unsupported_model_names_the_supported_classes_and_the_generic_adapter():

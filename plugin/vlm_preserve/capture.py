@@ -64,6 +64,10 @@ class CaptureSession:
         self.capture: StepCapture | None = None   # the step's capture, until the loss takes it
         self.scratch: dict = {}                   # what the forward in progress collected before its capture exists
         self.current: StepCapture | None = None   # the capture made by the forward in progress (None: not capturing)
+        # The step's inputs as the trainer received them (set by the Trainer integration): for adapters whose hooks
+        # see less than the trainer passed: ms-swift replaces input_ids by inputs_embeds; PEFT calls the VLM's
+        # forward() directly, so only its inner model's hook fires, and that one gets no labels.
+        self.batch: dict = {}
         self._open = False
 
     def begin_step(self) -> None:
@@ -71,7 +75,7 @@ class CaptureSession:
         self.capture = None
 
     def take(self) -> StepCapture | None:
-        cap, self.capture = self.capture, None
+        cap, self.capture, self.batch = self.capture, None, {}
         return cap
 
     def begin_forward(self) -> bool:

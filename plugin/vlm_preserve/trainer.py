@@ -75,6 +75,7 @@ class PreservingMixin:
         inputs = {k: v for k, v in inputs.items() if k != ROUTE_KEY}
         inputs.update(self._vp.forward_kwargs())
         self._vp.begin_step()
+        self._vp.session.batch = inputs
         anchor = self._vp_anchor(model)
         try:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
