@@ -5,6 +5,8 @@
 #   bash scripts/setup_env.sh study          -> .venv/study : transformers 5.x + SmolLM2/EfficientNet/easy-vqa (demo, study)
 #   bash scripts/setup_env.sh bunny          -> .venv/bunny : upstream Bunny from the checkout at $VLM_PRESERVE_BUNNY_SRC
 #   bash scripts/setup_env.sh nvila          -> .venv/nvila : upstream NVILA from the checkout at $VLM_PRESERVE_NVILA_SRC
+#   bash scripts/setup_env.sh llamafactory   -> .venv/llamafactory : LLaMA-Factory 0.9.5 from PyPI (transformers 5.6)
+#   bash scripts/setup_env.sh swift          -> .venv/swift : ms-swift 4.5.3 from PyPI (transformers 5.16)
 # Re-running is cheap: the install is skipped while the requirement files are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +18,8 @@ case "$name" in
   llava) reqs=(third_party/llava/requirements.txt) ;;
   transformers) reqs=(third_party/transformers/requirements.txt) ;;
   study) reqs=(third_party/study/requirements.txt) ;;
+  llamafactory) reqs=(third_party/llamafactory/requirements.txt) ;;
+  swift) reqs=(third_party/swift/requirements.txt) ;;
   bunny)
     reqs=(third_party/bunny/requirements.txt)
     if [ ! -f "${VLM_PRESERVE_BUNNY_SRC:-}/bunny/train/train.py" ]; then
@@ -26,7 +30,7 @@ case "$name" in
     if [ ! -f "${VLM_PRESERVE_NVILA_SRC:-}/llava/train/train_mem.py" ]; then
       echo "setup_env.sh: nvila needs VLM_PRESERVE_NVILA_SRC=<checkout of NVlabs/VILA @ b760c34>" >&2; exit 2
     fi ;;
-  *) echo "setup_env.sh: unknown environment '$name' (known: llava, transformers, study, bunny, nvila)" >&2; exit 2 ;;
+  *) echo "setup_env.sh: unknown environment '$name' (known: llava, transformers, study, bunny, nvila, llamafactory, swift)" >&2; exit 2 ;;
 esac
 
 stamp="$venv/.installed"

@@ -3,7 +3,9 @@
 #   bash scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-envs=(llava transformers)
+envs=(llava transformers llamafactory swift)
+# Framework environments (on PyPI, always run): their test file runs there only, and in full.
+frameworks=(--ignore=tests/test_llamafactory.py --ignore=tests/test_swift.py)
 # Upstreams that are not on PyPI run only where a checkout is given (never committed here; .ci/run extracts the
 # snapshots, scripts/fetch_upstreams.sh clones them). Without one their tests are collected in the llava environment
 # and skipped with the reason; with one they run in their own environment only, where a skip fails the run.
@@ -28,8 +30,11 @@ for env in "${envs[@]}"; do
   ".venv/$env/bin/python" -m pip --disable-pip-version-check -q install --no-deps -e .
   echo "[test] environment $env"
   path="$PWD/plugin:$PWD/tests"
-  tests=(${elsewhere[@]+"${elsewhere[@]}"})
-  if [ "$env" = bunny ]; then
+  tests=(${elsewhere[@]+"${elsewhere[@]}"} "${frameworks[@]}")
+  if [ "$env" = llamafactory ] || [ "$env" = swift ]; then
+    path="$path:$PWD/third_party/cpu_shims"
+    tests=("tests/test_$env.py")
+  elif [ "$env" = bunny ]; then
     path="$path:$(cd "$VLM_PRESERVE_BUNNY_SRC" && pwd):$PWD/third_party/bunny/cpu_shims"
     tests=(tests/test_bunny.py tests/test_losses.py)
   elif [ "$env" = nvila ]; then

@@ -60,9 +60,10 @@ def step_rows(output_dir) -> list[dict]:
     return [r for r in log_history(output_dir) if "loss" in r]
 
 
-# In the bunny and nvila environments the upstream's own test file must run in full: a skip there means CI
-# silently stopped checking that upstream, so it fails the session.
-_STRICT = {"bunny": "tests/test_bunny.py", "nvila": "tests/test_nvila.py"}.get(os.environ.get("VLM_PRESERVE_TEST_ENV", ""))
+# In the bunny, nvila, llamafactory and swift environments the upstream's own test file must run in full: a skip
+# there means CI silently stopped checking that upstream, so it fails the session.
+_STRICT = {"bunny": "tests/test_bunny.py", "nvila": "tests/test_nvila.py",
+           "llamafactory": "tests/test_llamafactory.py", "swift": "tests/test_swift.py"}.get(os.environ.get("VLM_PRESERVE_TEST_ENV", ""))
 _strict_skips: list[str] = []
 
 

@@ -65,8 +65,9 @@ class CaptureSession:
         self.scratch: dict = {}                   # what the forward in progress collected before its capture exists
         self.current: StepCapture | None = None   # the capture made by the forward in progress (None: not capturing)
         # The step's inputs as the trainer received them (set by the Trainer integration): for adapters whose hooks
-        # see less than the trainer passed: ms-swift replaces input_ids by inputs_embeds; PEFT calls the VLM's
-        # forward() directly, so only its inner model's hook fires, and that one gets no labels.
+        # see less than the trainer passed: PEFT calls the VLM's forward() directly, so only its inner model's hook
+        # fires, and that one gets no labels; ms-swift's template hook on the PEFT wrapper has by then replaced
+        # input_ids by inputs_embeds.
         self.batch: dict = {}
         self._open = False
 

@@ -1,4 +1,4 @@
-"""`vlm-preserve`: the command group: check-upstream, demo, study, diagnose, merge, extract-llm, eval-language, lang-nll."""
+"""`vlm-preserve`: the command group: check-upstream, demo, study, diagnose, merge, extract-llm, eval-language, lang-nll, swift-plugin."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
 
     c = sub.add_parser("check-upstream", help="Verify the upstream symbols the plugin touches, then run one tiny "
                                               "patched forward+backward.")
-    c.add_argument("upstream", choices=["llava", "bunny", "nvila", "transformers"])
+    c.add_argument("upstream", choices=["llava", "bunny", "nvila", "transformers", "llamafactory", "swift"])
     c.add_argument("--source", help="Check this upstream source tree (a checkout) instead of the installed package.")
     c.add_argument("--skip-run", action="store_true", help="Only check symbols and signatures.")
 
@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "resumes where it stopped; --report writes the markdown table and plot.")
     from ..study.cli import add_arguments
     add_arguments(s)
+
+    sub.add_parser("swift-plugin", help="Print the path of the file for ms-swift's --external_plugins (options in the "
+                                        "VLM_PRESERVE environment variable: docs/frameworks.md).")
 
     from . import diagnose, offline
     diagnose.add_parser(sub)
@@ -43,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "study":
         from ..study.cli import run
         return run(args)
+    if args.command == "swift-plugin":
+        from .swift_sft import plugin_path
+        print(plugin_path())
+        return 0
     if args.command == "diagnose":
         return diagnose.run(args)
     return 2

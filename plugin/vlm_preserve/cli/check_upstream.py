@@ -90,8 +90,55 @@ def _tiny_run_transformers() -> str | None:
     return f"tiny attached step gave no finite {bad}" if bad else None
 
 
+def _tiny_run_llamafactory() -> str | None:
+    import yaml
+
+    from ..testing.hf_vlm import build_tiny_hf_vlm
+    from .llamafactory_train import main as train
+    with tempfile.TemporaryDirectory() as tmp:
+        fx = build_tiny_hf_vlm(Path(tmp) / "fx", "qwen2_vl", n_image=4, n_text=2)
+        out = Path(tmp) / "run"
+        cfg = dict(model_name_or_path=str(fx.model), stage="sft", do_train=True, finetuning_type="full",
+                   dataset="tiny_mm", dataset_dir=str(fx.write_llamafactory()), template="qwen2_vl", cutoff_len=256,
+                   output_dir=str(out), max_steps=1, per_device_train_batch_size=2, logging_steps=1,
+                   save_strategy="no", report_to="none", bf16=False, image_max_pixels=1024, plot_loss=False)
+        (Path(tmp) / "run.yaml").write_text(yaml.safe_dump(cfg))
+        train([str(Path(tmp) / "run.yaml"), "--regularizer", "rdd,pre"])
+        rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+        row = next((r for r in rows if "loss" in r), {})
+        bad = [k for k in ("loss", "rdd_loss", "pre_loss") if not (k in row and row[k] == row[k] and abs(row[k]) < 1e6)]
+        return f"tiny llamafactory-train step logged no finite {bad}: {row}" if bad else None
+
+
+def _tiny_run_swift() -> str | None:
+    from ..testing.hf_vlm import build_tiny_hf_vlm
+    from .swift_sft import ENV, plugin_path
+    with tempfile.TemporaryDirectory() as tmp:
+        fx = build_tiny_hf_vlm(Path(tmp) / "fx", "qwen2_vl", n_image=4, n_text=2, qwen_ids=True)
+        out = Path(tmp) / "run"
+        cmd = [str(Path(sys.executable).parent / "swift"), "sft", "--model", str(fx.model), "--model_type", "qwen2_vl",
+               "--template", "qwen2_vl", "--dataset", str(fx.write_swift()), "--output_dir", str(out),
+               "--add_version", "false", "--check_model", "false", "--report_to", "none", "--torch_dtype", "float32",
+               "--tuner_type", "full", "--max_steps", "1", "--per_device_train_batch_size", "4", "--logging_steps", "1",
+               "--save_strategy", "no", "--split_dataset_ratio", "0", "--dataloader_num_workers", "0",
+               "--dataloader_persistent_workers", "false", "--max_pixels", "1024", "--external_plugins", plugin_path()]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **{ENV: "--regularizer rdd,pre"}))
+        if p.returncode != 0:
+            return f"tiny swift sft step failed ({p.returncode}): {p.stderr[-2000:]}"
+        rows = [json.loads(line) for line in (out / "logging.jsonl").read_text().splitlines()]
+        row = next((r for r in rows if "loss" in r), {})
+        bad = [k for k in ("loss", "rdd_loss", "pre_loss") if not (k in row and row[k] == row[k] and abs(row[k]) < 1e6)]
+        return f"tiny swift sft step logged no finite {bad}: {row}" if bad else None
+
+
 def _tiny_run(upstream: str = "llava") -> str | None:
-    return _tiny_run_transformers() if upstream == "transformers" else _tiny_run_launcher(upstream)
+    if upstream == "transformers":
+        return _tiny_run_transformers()
+    if upstream == "llamafactory":
+        return _tiny_run_llamafactory()
+    if upstream == "swift":
+        return _tiny_run_swift()
+    return _tiny_run_launcher(upstream)
 
 
 def _tiny_run_launcher(upstream: str) -> str | None:
