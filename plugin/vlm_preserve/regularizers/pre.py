@@ -15,8 +15,8 @@ Memory: the head and the cosine run over chunks of `PRE_CHUNK` tokens in one aut
 activation and recomputes each chunk in backward, adding its gradients in place into one buffer per input; so beyond
 the inputs and their gradients the term holds one chunk's activations and gradients (and, transiently, one weight
 matrix's gradient for that chunk), whatever the number of visual tokens. Same value as the plain formula, gradients
-to rounding (tests/test_losses.py). Under DeepSpeed ZeRO-3 the head runs as one checkpointed call instead (see
-head_pre_loss).
+to rounding (tests/test_losses.py). Under DeepSpeed ZeRO-3 the chunks are checkpointed calls of the head's modules
+instead, as many on every rank (see head_pre_loss).
 Layer l is 0-based; `middle` = num_layers // 2 (Vicuna-7B: 16 of 32).
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ class PReHead(nn.Sequential):
         super().__init__(nn.Linear(d_in, d_in), nn.GELU(), nn.Linear(d_in, d_out))
 
 
-PRE_CHUNK = 1024
+PRE_CHUNK = 512  # rows per chunk: the term holds one chunk's activations (1024 made 0.90% of a 7B step, 512 0.61%)
 
 
 def pre_loss(pred: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
@@ -131,14 +131,31 @@ def head_pre_loss(head: nn.Module, h: torch.Tensor, anchor: torch.Tensor, chunk:
     anchor = anchor.detach()
     names, params = zip(*head.named_parameters())
     dtype = head[0].weight.dtype  # h enters the head in its dtype, as the Attachment casts the head to the model's
+    chunk = chunk or PRE_CHUNK
     if any(hasattr(p, "ds_id") for p in params):
-        # DeepSpeed ZeRO-3 gathers the head's weights in its hooks on every call of the head's modules (forward,
-        # recompute, backward): the number of calls must be the same on every rank, whatever its visual-token count,
-        # or the collectives mismatch; and the recompute must call the modules themselves. So one checkpointed call.
-        total = (checkpoint(_cos_sum, head, h, anchor, dtype, use_reentrant=False)
-                 if torch.is_grad_enabled() else _cos_sum(head, h, anchor, dtype))
+        # DeepSpeed ZeRO-3 gathers the head's weights in hooks on every call of its modules (forward, recompute,
+        # backward): so the recompute must call the modules (checkpointed chunks sliced from h, the path before
+        # _ChunkedHeadCosine, with its full-size gradient of h per chunk), and every rank must make the same number
+        # of calls whatever its visual-token count, or the collectives mismatch: the largest row count over the
+        # ranks sets the number of chunks; a rank out of rows runs one zero row against a zero anchor, which adds
+        # exactly 0 to the value and the gradients. Every chunk's input requires a gradient: DeepSpeed releases the
+        # weights after a module's backward only through its inputs' gradients, and a rank that kept them gathered
+        # (a text-only rank's placeholder) would skip the next chunk's gather that the other ranks make.
+        n = torch.tensor([h.shape[0]], device=h.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, max(int(n), 1), chunk):
+            hi, ai = h[i:i + chunk], anchor[i:i + chunk]
+            if hi.shape[0] == 0:
+                hi, ai = h.new_zeros(1, h.shape[1]), anchor.new_zeros(1, anchor.shape[1])
+            if torch.is_grad_enabled() and not hi.requires_grad:
+                hi = hi.detach().requires_grad_()
+            args = (head, hi, ai, dtype)
+            total = total + (checkpoint(_cos_sum, *args, use_reentrant=False) if torch.is_grad_enabled()
+                             else _cos_sum(*args))
     else:
-        total = _ChunkedHeadCosine.apply(h, anchor, head, chunk or PRE_CHUNK, names, dtype, *params)
+        total = _ChunkedHeadCosine.apply(h, anchor, head, chunk, names, dtype, *params)
     return -total / h.shape[0]
 
 
