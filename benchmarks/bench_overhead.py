@@ -37,7 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_START = 35  # where the 576 image tokens begin in each sample (after LLaVA's system prompt)
 # Part B's measurements. time:TERM = the term's current (new) and previous (old) implementations timed side by side
 # (RDD old: checkpointed row blocks, tests/helpers/rdd_checkpointed.py; PRe old: checkpointed token chunks sliced
-# from h under autograd, tests/helpers/pre_checkpointed.py); mem:TERM:IMPL:INPUTS:DTYPE:CAP = one
+# from h under autograd, tests/helpers/pre_checkpointed.py; PRe zero3: the branch head_pre_loss takes under
+# DeepSpeed ZeRO-3, its parameters marked as DeepSpeed's, one process); mem:TERM:IMPL:INPUTS:DTYPE:CAP = one
 # fwd+bwd's peak memory. INPUTS: `embeds` = the production path (RDD.loss on a (B, L, d) inputs_embeds and its
 # masks), `leaves` = the text and visual tokens as two separate leaf tensors (how runs 1-3 measured). CAP 0 = none.
 B_RUNS = ["time:rdd", "time:pre",
@@ -149,6 +150,9 @@ def term_setup(term: str, impl: str, inputs: str, dtype: str, B: int, nt: int, n
         head, anchor = PReHead(d, d).to(dt), torch.randn(B * nv, d, dtype=dt)
         h = torch.randn(B * nv, d, dtype=dt).requires_grad_()
         loss = pre_checkpointed.head_pre_loss if impl == "old" else head_pre_loss
+        if impl == "zero3":  # the branch head_pre_loss takes under DeepSpeed ZeRO-3 (one process: no gathers)
+            for p in head.parameters():
+                p.ds_id = 0
         return (lambda seed, small=False: loss(head, h[:300] if small else h, anchor[:300] if small
                                                else anchor)), [h, *head.parameters()]
     cfg = RDDConfig(rdd_max_tokens=cap)
@@ -203,7 +207,7 @@ def worker_term(term: str, mode: str, dtype: str, impl: str, inputs: str, B: int
         return {"extra_peak_bytes": max(fwd_peak, bwd_peak), "fwd_peak_bytes": fwd_peak, "bwd_peak_bytes": bwd_peak,
                 "input_grad_bytes": grads, "own_peak_bytes": max(fwd_peak, bwd_peak - grads),
                 "fwd_s": tf, "bwd_s": tb, "note": "times under MALLOC_MMAP_THRESHOLD_: indicative only"}
-    impls = ["new", "old"]
+    impls = ["new", "old"] if impl != "zero3" else ["zero3"]
     runs = {i: term_setup(term, i, inputs, dtype, B, nt, nv, d, cap) for i in impls}
     for fwd, _ in runs.values():
         fwd(0, small=True).backward()
