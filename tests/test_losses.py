@@ -390,3 +390,22 @@ def test_pre_head_gradient_arrives_once_and_accumulates():
     head_pre_loss(head, h.detach(), anchor, chunk=700).backward()
     for p, g in zip(head.parameters(), first):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_pre_zero3_branch_runs_as_many_chunks_as_the_largest_rank_and_adds_nothing_for_the_extra(monkeypatch):
+    """Under ZeRO-3 (parameters carrying ds_id) every rank runs as many head calls as the rank with the most visual
+    tokens (one all_reduce; here a fake one reporting 3000 rows): the extra calls (one zero row against a zero anchor)
+    leave the value and the gradients exactly as without them."""
+    head, h, anchor = _pre_inputs(torch.float32)
+    v_ref, g_ref = _pre_run(head_pre_loss, head, h, anchor, 700)
+    for p in head.parameters():
+        p.ds_id = 0
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: t.fill_(3000))
+    calls = []
+    head[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    v, g = _pre_run(head_pre_loss, head, h, anchor, 700)
+    assert calls[:5] == [700, 700, 700, 400, 1]  # the forward; the backward recomputes them
+    assert v.item() == pytest.approx(v_ref.item(), rel=1e-6)
+    for got, want in zip(g, g_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7 * want.abs().max().item())
