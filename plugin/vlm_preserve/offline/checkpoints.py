@@ -82,9 +82,13 @@ class _Folder:
             return dtype_name(h[name]), tuple(h[name].shape)
         return h.spec(name)
 
-    def get(self, name: str, into=None):
+    def get(self, name: str, into=None, seen=None):
         h = self._open(self.files[name])
-        return h[name] if isinstance(h, dict) else h.get(name, into)
+        return h[name] if isinstance(h, dict) else h.get(name, into, seen)
+
+    def offset(self, name: str) -> int:
+        h = self._open(self.files[name])
+        return 0 if isinstance(h, dict) else h.header[name]["data_offsets"][0]
 
 
 class _SafetensorsFile:
@@ -105,9 +109,10 @@ class _SafetensorsFile:
     def spec(self, name: str) -> tuple[str, tuple[int, ...]]:
         return self.header[name]["dtype"], tuple(self.header[name]["shape"])
 
-    def get(self, name: str, into=None):
+    def get(self, name: str, into=None, seen=None):
         """The tensor `name`; read into the uint8 buffer `into` (reused by the caller: every fresh large
-        allocation costs a page fault per 4 KiB) when given, else into a new tensor."""
+        allocation costs a page fault per 4 KiB) when given, else into a new tensor. `seen(path, offset, bytes)`,
+        if given, is told what was read (the merge hashes its inputs from it)."""
         import torch
         info = self.header[name]
         begin, end = info["data_offsets"]
@@ -117,6 +122,8 @@ class _SafetensorsFile:
             f.seek(self.start + begin)
             if end > begin and f.readinto(raw.numpy()) != end - begin:
                 raise ConfigError(f"{self.path}: tensor {name!r} is truncated (the file is incomplete).")
+        if seen is not None:
+            seen(self.path, self.start + begin, raw.numpy())
         return raw.view(dtype).reshape(info["shape"])
 
 
@@ -145,9 +152,15 @@ class Checkpoint:
         folder, n = self._split(name)
         return folder.spec(n)
 
-    def get(self, name: str, into=None):
+    def get(self, name: str, into=None, seen=None):
         folder, n = self._split(name)
-        return folder.get(n, into)
+        return folder.get(n, into, seen)
+
+    def offset(self, name: str) -> int:
+        """Where `name`'s bytes begin in its file (0 where unknown): reading in this order reads each file front
+        to back."""
+        folder, n = self._split(name)
+        return folder.offset(n)
 
     def file_of(self, name: str) -> str:
         """The weight file holding `name`, relative to the checkpoint folder."""

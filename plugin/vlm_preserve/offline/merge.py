@@ -159,6 +159,8 @@ def merge(vlm: str, base_llm: str, alphas, out: str, *, density: float = 1.0, sp
     by_file: dict[str, list[_Item]] = {}
     for it in items:
         by_file.setdefault(v.file_of(it.name), []).append(it)
+    for its in by_file.values():  # each file front to back: read once, and hashed from that read
+        its.sort(key=lambda it: v.offset(it.name))
     # NVILA components without LLM tensors (vision_tower/, mm_projector/) are copied as files, byte for byte.
     copied_parts = {p for p in v.parts if p and not any(llm_name(v.layout, p + n) for n in v.parts[p].files)}
     written_parts = [p for p in v.parts if p not in copied_parts]
@@ -167,7 +169,7 @@ def merge(vlm: str, base_llm: str, alphas, out: str, *, density: float = 1.0, sp
     bar = progress(sum(sizes), "merge") if show_progress else None
     stats = {"merged_tensors": 0, "copied_tensors": 0, "kept_vlm_rows": {}}
     sizes += [nbytes(*b.spec(it.llm)) for it in written if it.llm]  # the base may be stored wider (fp32)
-    io = _Streams(v, b, max(sizes, default=0), len(alphas))
+    io = _Streams(v, b, max(sizes, default=0), len(alphas), hasher)
     with atomic_dir(out) as tmp, io:
         roots = [tmp / s for s in subdirs]
         for root in roots:
@@ -214,9 +216,10 @@ def merge(vlm: str, base_llm: str, alphas, out: str, *, density: float = 1.0, sp
 class _Streams:
     """Double-buffered I/O around the arithmetic. Inputs are read one item ahead and outputs written one item
     behind, each on its own thread (file reads and writes release the GIL), into buffers allocated once (a
-    fresh large allocation costs a page fault per 4 KiB)."""
+    fresh large allocation costs a page fault per 4 KiB). Every input read is handed to the hasher, and an input
+    buffer is read into again only once its bytes are hashed."""
 
-    def __init__(self, vlm: Checkpoint, base: Checkpoint, size: int, n_out: int):
+    def __init__(self, vlm: Checkpoint, base: Checkpoint, size: int, n_out: int, hasher: Hasher):
         import torch
         from concurrent.futures import ThreadPoolExecutor
         self.vlm, self.base = vlm, base
@@ -224,13 +227,18 @@ class _Streams:
         self.inputs = [(new(), new()) for _ in range(2)]
         self.out_sets = [[new() for _ in range(n_out)] for _ in range(2)]
         self.written = [None, None]  # the pending write of each output set
+        self.hasher, self.hashing = hasher, [[], []]  # the pending hashes of each input slot
         self.k = -1                  # items handed out so far, minus one
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="merge-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="merge-write")
 
     def _read(self, it: _Item, slot: int):
         bv, bl = self.inputs[slot]
-        return it, self.vlm.get(it.name, bv), None if it.llm is None else self.base.get(it.llm, bl)
+        for f in self.hashing[slot]:
+            f.result()
+        futures = self.hashing[slot] = []
+        seen = lambda *a: futures.append(self.hasher.seen(*a))  # noqa: E731
+        return it, self.vlm.get(it.name, bv, seen), None if it.llm is None else self.base.get(it.llm, bl, seen)
 
     def pairs(self, items: list[_Item]):
         """(item, VLM tensor, base tensor or None); the tensors stay valid until the next item is asked for."""
