@@ -82,9 +82,11 @@ class _Folder:
             return dtype_name(h[name]), tuple(h[name].shape)
         return h.spec(name)
 
-    def get(self, name: str, into=None, seen=None):
+    def get(self, name: str, into=None, seen=None, rows=None):
         h = self._open(self.files[name])
-        return h[name] if isinstance(h, dict) else h.get(name, into, seen)
+        if isinstance(h, dict):
+            return h[name] if rows is None else h[name][rows[0]:rows[1]]
+        return h.get(name, into, seen, rows)
 
     def offset(self, name: str) -> int:
         h = self._open(self.files[name])
@@ -109,14 +111,19 @@ class _SafetensorsFile:
     def spec(self, name: str) -> tuple[str, tuple[int, ...]]:
         return self.header[name]["dtype"], tuple(self.header[name]["shape"])
 
-    def get(self, name: str, into=None, seen=None):
-        """The tensor `name`; read into the uint8 buffer `into` (reused by the caller: every fresh large
-        allocation costs a page fault per 4 KiB) when given, else into a new tensor. `seen(path, offset, bytes)`,
-        if given, is told what was read (the merge hashes its inputs from it)."""
+    def get(self, name: str, into=None, seen=None, rows=None):
+        """The tensor `name` (its rows `rows` = (first, end) where given); read into the uint8 buffer `into`
+        (reused by the caller: every fresh large allocation costs a page fault per 4 KiB) when given, else into a
+        new tensor. `seen(path, offset, bytes)`, if given, is told what was read (the merge hashes its inputs from
+        it)."""
         import torch
         info = self.header[name]
         begin, end = info["data_offsets"]
         dtype = getattr(torch, DTYPES[info["dtype"]])
+        shape = info["shape"]
+        if rows is not None:
+            row = (end - begin) // shape[0]
+            begin, end, shape = begin + rows[0] * row, begin + rows[1] * row, [rows[1] - rows[0], *shape[1:]]
         raw = torch.empty(end - begin, dtype=torch.uint8) if into is None else into[:end - begin]
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.start + begin)
@@ -124,7 +131,7 @@ class _SafetensorsFile:
                 raise ConfigError(f"{self.path}: tensor {name!r} is truncated (the file is incomplete).")
         if seen is not None:
             seen(self.path, self.start + begin, raw.numpy())
-        return raw.view(dtype).reshape(info["shape"])
+        return raw.view(dtype).reshape(shape)
 
 
 class Checkpoint:
@@ -152,9 +159,9 @@ class Checkpoint:
         folder, n = self._split(name)
         return folder.spec(n)
 
-    def get(self, name: str, into=None, seen=None):
+    def get(self, name: str, into=None, seen=None, rows=None):
         folder, n = self._split(name)
-        return folder.get(n, into, seen)
+        return folder.get(n, into, seen, rows)
 
     def offset(self, name: str) -> int:
         """Where `name`'s bytes begin in its file (0 where unknown): reading in this order reads each file front

@@ -48,15 +48,20 @@ class ShardWriter:
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer does
         self.file = open(path, "wb")
         self.file.write(struct.pack("<Q", len(raw)) + raw)
-        self.next = 0
+        self.next, self.row = 0, 0
 
     def write(self, name: str, tensor) -> None:
+        """The next tensor, whole or as consecutive row ranges (the merge writes a large one in pieces)."""
         want = self.order[self.next]
         got = (name, dtype_name(tensor), tuple(tensor.shape))
-        if got != want:
-            raise AssertionError(f"shard writer: expected {want}, got {got}")
+        n = want[2][0] if want[2] else 1
+        rows = tensor.shape[0] if tensor.dim() else 1
+        if got[:2] != want[:2] or got[2][1:] != want[2][1:] or self.row + rows > n:
+            raise AssertionError(f"shard writer: expected {want} from row {self.row}, got {got}")
         self.file.write(tensor.contiguous().reshape(-1).view(__import__("torch").uint8).numpy().data)
-        self.next += 1
+        self.row += rows
+        if self.row == n:
+            self.next, self.row = self.next + 1, 0
 
     def close(self) -> None:
         if self.next != len(self.order):
