@@ -69,7 +69,7 @@ class PReHead(nn.Sequential):
         super().__init__(nn.Linear(d_in, d_in), nn.GELU(), nn.Linear(d_in, d_out))
 
 
-PRE_CHUNK = 512  # rows per chunk: the term holds one chunk's activations (1024 made 0.90% of a 7B step, 512 0.61%)
+PRE_CHUNK = 512  # rows: the term holds one chunk's working set (own memory at the 7B shape, bf16: 1024 0.90%, 512 0.61%)
 
 
 def pre_loss(pred: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
@@ -138,9 +138,9 @@ def head_pre_loss(head: nn.Module, h: torch.Tensor, anchor: torch.Tensor, chunk:
         # _ChunkedHeadCosine, with its full-size gradient of h per chunk), and every rank must make the same number
         # of calls whatever its visual-token count, or the collectives mismatch: the largest row count over the
         # ranks sets the number of chunks; a rank out of rows runs one zero row against a zero anchor, which adds
-        # exactly 0 to the value and the gradients. Every chunk's input requires a gradient: DeepSpeed releases the
-        # weights after a module's backward only through its inputs' gradients, and a rank that kept them gathered
-        # (a text-only rank's placeholder) would skip the next chunk's gather that the other ranks make.
+        # exactly 0 to the value and the gradients. Every chunk's input requires a gradient: without that a text-only
+        # rank (its placeholder needs none) made one gather fewer than an image rank (tests/test_distributed_llava.py;
+        # as we read DeepSpeed's hooks, it releases a module's weights after backward through its inputs' gradients).
         n = torch.tensor([h.shape[0]], device=h.device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
