@@ -35,14 +35,17 @@ MEM_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # big buffers mmap'd, unmapped on
 MIB, GIB = 2 ** 20, 2 ** 30
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_START = 35  # where the 576 image tokens begin in each sample (after LLaVA's system prompt)
-# Part B's measurements. time:rdd = RDD's current (new) and previous (old: checkpointed row blocks, kept in
-# tests/helpers/rdd_checkpointed.py) implementations timed side by side; mem:TERM:IMPL:INPUTS:DTYPE:CAP = one
+# Part B's measurements. time:TERM = the term's current (new) and previous (old) implementations timed side by side
+# (RDD old: checkpointed row blocks, tests/helpers/rdd_checkpointed.py; PRe old: checkpointed token chunks sliced
+# from h under autograd, tests/helpers/pre_checkpointed.py; PRe zero3: the branch head_pre_loss takes under
+# DeepSpeed ZeRO-3, its parameters marked as DeepSpeed's, one process); mem:TERM:IMPL:INPUTS:DTYPE:CAP = one
 # fwd+bwd's peak memory. INPUTS: `embeds` = the production path (RDD.loss on a (B, L, d) inputs_embeds and its
 # masks), `leaves` = the text and visual tokens as two separate leaf tensors (how runs 1-3 measured). CAP 0 = none.
 B_RUNS = ["time:rdd", "time:pre",
           "mem:rdd:new:embeds:bf16:4096", "mem:rdd:old:embeds:bf16:4096", "mem:rdd:new:leaves:bf16:4096",
           "mem:rdd:old:leaves:bf16:4096", "mem:rdd:new:embeds:fp32:4096", "mem:rdd:new:embeds:bf16:0",
-          "mem:pre:new:leaves:bf16:0", "mem:pre:new:leaves:fp32:0"]
+          "mem:pre:new:leaves:bf16:0", "mem:pre:old:leaves:bf16:0", "mem:pre:new:leaves:fp32:0",
+          "mem:pre:old:leaves:fp32:0"]
 med = statistics.median
 
 
@@ -138,6 +141,7 @@ def term_setup(term: str, impl: str, inputs: str, dtype: str, B: int, nt: int, n
     from vlm_preserve.regularizers.pre import PReHead, head_pre_loss
     from vlm_preserve.regularizers.rdd import RDD, RDDConfig, mmd2, sample_rows
     sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from helpers import pre_checkpointed
     from helpers import rdd_checkpointed as old
 
     torch.manual_seed(0)
@@ -145,8 +149,12 @@ def term_setup(term: str, impl: str, inputs: str, dtype: str, B: int, nt: int, n
     if term == "pre":  # middle-layer visual hidden states -> head (in the model dtype, as Attachment casts it)
         head, anchor = PReHead(d, d).to(dt), torch.randn(B * nv, d, dtype=dt)
         h = torch.randn(B * nv, d, dtype=dt).requires_grad_()
-        return (lambda seed, small=False: head_pre_loss(head, h[:300] if small else h, anchor[:300] if small
-                                                        else anchor)), [h, *head.parameters()]
+        loss = pre_checkpointed.head_pre_loss if impl == "old" else head_pre_loss
+        if impl == "zero3":  # the branch head_pre_loss takes under DeepSpeed ZeRO-3 (one process: no gathers)
+            for p in head.parameters():
+                p.ds_id = 0
+        return (lambda seed, small=False: loss(head, h[:300] if small else h, anchor[:300] if small
+                                               else anchor)), [h, *head.parameters()]
     cfg = RDDConfig(rdd_max_tokens=cap)
     small_cfg = RDDConfig(rdd_max_tokens=min(cap, 256) if cap else 256, rdd_block_size=128)
     if inputs == "leaves":  # stand-ins for text_embeds() / visual_embeds(), as runs 1-3 measured
@@ -194,11 +202,12 @@ def worker_term(term: str, mode: str, dtype: str, impl: str, inputs: str, B: int
         grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
         # The inputs' gradients are alive from the start of the new RDD's backward to its end (it allocates them
         # first), so subtracting them from the backward's peak leaves its own memory exactly; for a path that
-        # makes them later (old RDD: at its last nodes; PRe: chunk by chunk), it is a lower bound of its own memory.
+        # makes them later (old RDD: at its last nodes; old PRe: chunk by chunk), it is a lower bound of its own
+        # memory. New PRe allocates its gradients (h's and the head's) first too, and holds them to its end: exact.
         return {"extra_peak_bytes": max(fwd_peak, bwd_peak), "fwd_peak_bytes": fwd_peak, "bwd_peak_bytes": bwd_peak,
                 "input_grad_bytes": grads, "own_peak_bytes": max(fwd_peak, bwd_peak - grads),
                 "fwd_s": tf, "bwd_s": tb, "note": "times under MALLOC_MMAP_THRESHOLD_: indicative only"}
-    impls = ["new", "old"] if term == "rdd" else ["new"]
+    impls = ["new", "old"] if impl != "zero3" else ["zero3"]
     runs = {i: term_setup(term, i, inputs, dtype, B, nt, nv, d, cap) for i in impls}
     for fwd, _ in runs.values():
         fwd(0, small=True).backward()
@@ -323,8 +332,8 @@ def rdd_flops_new(n_t, n_v, d):  # fwd: upper triangle within each modality (dia
     return 2 * d * (n_t ** 2 / 2 + n_v ** 2 / 2 + n_t * n_v) + 2 * 2 * d * (n_t + n_v) ** 2
 
 
-def pre_flops(n, d, d_out):  # two Linear layers; bwd = weight + input gradients
-    return 3 * 2 * n * (d * d + d * d_out)
+def pre_flops(n, d, d_out):  # two Linear layers: fwd, the recompute in bwd (both paths since run 2), weight + input
+    return 4 * 2 * n * (d * d + d * d_out)  # gradients (runs 1-3 counted 3, leaving the recompute out)
 
 
 def step_flops(B, L, d):  # attention: QK^T and AV, 2·L²·d each per layer and sample, fwd + 2x bwd, no causal halving
@@ -390,7 +399,7 @@ def part_b(args) -> dict:
     sf, sm = step_flops(B, nt + nv, d), step_memory(B, nt + nv, d)
     capped = lambda c: (min(c, B * nt) if c else B * nt, min(c, B * nv) if c else B * nv)  # noqa: E731
     flops = {"rdd:new": lambda c: rdd_flops_new(*capped(c), d), "rdd:old": lambda c: rdd_flops(*capped(c), d),
-             "pre:new": lambda c: pre_flops(B * nv, d, d)}
+             "pre:new": lambda c: pre_flops(B * nv, d, d), "pre:old": lambda c: pre_flops(B * nv, d, d)}
     head_states = 16 * (2 * d * d + 2 * d) / GPUS  # the PRe head's own ZeRO-3 model states
     out = {"shape": {"batch": B, "text_tokens": nt, "visual_tokens": nv, "width": d, "layers": LAYERS_7B,
                      "params": P_7B, "vocab": VOCAB_7B, "gpus": GPUS, "rdd_cap": cap, "image_start": IMAGE_START,
@@ -442,8 +451,8 @@ def part_b(args) -> dict:
                       f"{100 * t['time_frac']:6.3f}% {t['flops'] / 1e9:6.0f} {100 * t['flops_frac']:6.3f}%  "
                       f"{med(g):.1f} ({min(g):.1f}..{max(g):.1f})")
         print(f"  fp32, 1 thread, median of {args.b_reps} reps after a warm-up on a slice; RDD through RDD.loss on a "
-              f"(B, L, d) inputs_embeds, new and old alternating in each rep; new/old = median over reps of the "
-              f"paired fwd+bwd ratio; time % = median over reps of fwd+bwd / est. step time at the GEMM rate timed "
+              f"(B, L, d) inputs_embeds, PRe through head_pre_loss, new and old alternating in each rep; new/old = median "
+              f"over reps of the paired fwd+bwd ratio; time % = median over reps of fwd+bwd / est. step time at the GEMM rate timed "
               f"just before that rep (fp32 {d}^3, median of 3)")
     mems = {k: v for k, v in out["runs"].items() if k.startswith("mem:")}
     if mems:
@@ -457,8 +466,9 @@ def part_b(args) -> dict:
         print("  mem:TERM:IMPL:INPUTS:DTYPE:CAP; peak RSS rise over the RSS with the inputs allocated (1 thread, "
               "big buffers mmap'd): fwd = during the forward, bwd = during the backward (the forward's saved tensors "
               "included); in.grad = the bytes of the inputs' gradients (PRe: h and the head's parameters); own = "
-              "max(fwd, bwd - in.grad), exact for RDD new (its gradients live through its whole backward), a lower "
-              "bound for RDD old and PRe (theirs appear late in their backward); total = max(fwd, bwd), what runs 1-3 reported; PRe own and total include its "
+              "max(fwd, bwd - in.grad), exact for RDD new and PRe new (their gradients live through their whole "
+              "backward), a lower bound for the old paths (theirs appear late in their backward); total = max(fwd, bwd), "
+              "what runs 1-3 reported; PRe own and total include its "
               f"head's ZeRO-3 states ({head_states / MIB:.0f} MiB); % of the per-GPU lower bound")
     print(f"  RDD FLOPs uncapped ({B * nt}+{B * nv} tokens): new {100 * out['rdd_uncapped_flops_frac']['new']:.3f}%, "
           f"old {100 * out['rdd_uncapped_flops_frac']['old']:.3f}% of the step")

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from vlm_preserve.capture import StepCapture
-from vlm_preserve.regularizers.pre import PReConfig, PReHead, pre_loss
+from vlm_preserve.regularizers.pre import PReConfig, PReHead, head_pre_loss, pre_loss
 from vlm_preserve.regularizers.rdd import RDD, RDDConfig, mean_heuristic_sigma2, mmd2, subsample
 from vlm_preserve.regularizers.soft_label import soft_label_loss
 
-from helpers import rdd_checkpointed
+from helpers import pre_checkpointed, rdd_checkpointed
 
 
 def naive_mmd2(x, y, kernel, scale=1.0):
@@ -308,7 +308,6 @@ def test_soft_label_with_nothing_supervised_is_zero():
 
 
 def test_chunked_pre_loss_equals_the_plain_formula_in_value_and_gradient():
-    from vlm_preserve.regularizers.pre import head_pre_loss
     torch.manual_seed(0)
     head = PReHead(16, 8)
     h = torch.randn(2500, 16, requires_grad=True)
@@ -320,3 +319,93 @@ def test_chunked_pre_loss_equals_the_plain_formula_in_value_and_gradient():
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
     for a, b in zip(g_plain, g_chunked):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _pre_run(fn, head, h, anchor, chunk, autocast=False):
+    """Value and gradients (h's, then each head parameter's) of one fwd+bwd, through .backward() as the trainer
+    calls it: gradients land in .grad."""
+    head.zero_grad(set_to_none=True)
+    h.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        v = fn(head, h, anchor, chunk=chunk)
+    v.backward()
+    return v.detach(), [h.grad, *(p.grad for p in head.parameters())]
+
+
+def _pre_inputs(dtype, n=2500, d=16, d_out=8):
+    torch.manual_seed(5)
+    head = PReHead(d, d_out).to(dtype)
+    return head, torch.randn(n, d).to(dtype).requires_grad_(), torch.randn(n, d_out).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pre_recomputing_function_equals_the_checkpointed_path(dtype):
+    """head_pre_loss (one autograd function, chunks recomputed in backward, gradients added into one buffer per
+    input) against the checkpointed chunks it replaced (tests/helpers/pre_checkpointed.py): value, h's gradient and
+    the head's, to fp32 rounding; chunks that do not divide the rows."""
+    head, h, anchor = _pre_inputs(dtype)
+    v_new, g_new = _pre_run(head_pre_loss, head, h, anchor, 700)
+    v_old, g_old = _pre_run(pre_checkpointed.head_pre_loss, head, h, anchor, 700)
+    assert v_new.dtype == torch.float32 and v_new.item() == pytest.approx(v_old.item(), rel=1e-6)
+    for got, want in zip(g_new, g_old):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7 * want.abs().max().item())
+
+
+def test_pre_recomputing_function_under_autocast():
+    """fp32 head and h under a bf16 autocast (the backward recomputes under the forward's autocast state): value and
+    h's gradient equal the checkpointed path's. The head's gradient is each chunk's bf16 gradient summed in fp32:
+    equal to that sum to fp32 rounding. The checkpointed path summed the chunks' gradients in bf16 before casting
+    them (one cached weight cast for all chunks), so against it only to bf16 rounding."""
+    head, h, anchor = _pre_inputs(torch.float32, n=2048)
+    v_new, g_new = _pre_run(head_pre_loss, head, h, anchor, 512, autocast=True)
+    v_old, g_old = _pre_run(pre_checkpointed.head_pre_loss, head, h, anchor, 512, autocast=True)
+    assert v_new.item() == pytest.approx(v_old.item(), rel=1e-6)
+    torch.testing.assert_close(g_new[0], g_old[0], rtol=1e-5, atol=1e-7 * g_old[0].abs().max().item())
+    # each chunk alone (a single chunk: no cross-chunk sum); the loss over 512 of 2048 rows is 4x the chunk's share
+    parts = [_pre_run(pre_checkpointed.head_pre_loss, head, h[i:i + 512].detach().requires_grad_(),
+                      anchor[i:i + 512], 512, autocast=True)[1][1:] for i in range(0, 2048, 512)]
+    want = [sum(p[k] for p in reversed(parts)) / 4 for k in range(len(parts[0]))]
+    for got, w, old in zip(g_new[1:], want, g_old[1:]):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-7 * w.abs().max().item())
+        torch.testing.assert_close(got, old, rtol=2 ** -7, atol=2 ** -7 * old.abs().max().item())
+
+
+def test_pre_head_gradient_arrives_once_and_accumulates():
+    """Each head parameter receives one gradient per backward (torch DDP marks a parameter ready once), which adds
+    to an existing .grad (gradient accumulation); with no h gradient (the no-image placeholder) the head still
+    gets its gradient."""
+    head, h, anchor = _pre_inputs(torch.float32)
+    calls = []
+    for p in head.parameters():
+        p.register_hook(lambda g: calls.append(1))
+    _, g1 = _pre_run(head_pre_loss, head, h, anchor, 700)
+    assert len(calls) == len(list(head.parameters()))
+    first = [p.grad.clone() for p in head.parameters()]
+    head_pre_loss(head, h, anchor, chunk=700).backward()
+    for p, g in zip(head.parameters(), first):
+        torch.testing.assert_close(p.grad, 2 * g)
+    head.zero_grad(set_to_none=True)
+    head_pre_loss(head, h.detach(), anchor, chunk=700).backward()
+    for p, g in zip(head.parameters(), first):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_pre_zero3_branch_runs_as_many_chunks_as_the_largest_rank_and_adds_nothing_for_the_extra(monkeypatch):
+    """Under ZeRO-3 (parameters carrying ds_id) every rank runs as many head calls as the rank with the most visual
+    tokens (one all_reduce; here a fake one reporting 3000 rows): the extra calls (one zero row against a zero anchor)
+    leave the value and the gradients exactly as without them."""
+    head, h, anchor = _pre_inputs(torch.float32)
+    v_ref, g_ref = _pre_run(head_pre_loss, head, h, anchor, 700)
+    for p in head.parameters():
+        p.ds_id = 0
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: t.fill_(3000))
+    calls = []
+    head[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    v, g = _pre_run(head_pre_loss, head, h, anchor, 700)
+    assert calls[:5] == [700, 700, 700, 400, 1]  # the forward; the backward recomputes them
+    assert v.item() == pytest.approx(v_ref.item(), rel=1e-6)
+    for got, want in zip(g, g_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7 * want.abs().max().item())

@@ -216,3 +216,48 @@ def test_bf16_with_a_wider_base_and_added_rows_across_steps(method):
     for o, a in zip(outs, alphas):
         assert torch.equal(o[:rows], (vlm[:rows].float() + tau * a).to(torch.bfloat16))
         assert torch.equal(o[rows:], vlm[rows:])
+
+
+def test_sha256_is_folded_into_the_read_pass(tmp_path):
+    """The recipe's sha256 comes from the bytes the merge reads: every file's hash is right whatever order its bytes
+    are handed over in (out of order, twice, never), and bytes handed over in file order are not read again (the
+    hasher reads only the shards' headers and the side files itself)."""
+    from safetensors.torch import save_file
+
+    from vlm_preserve.offline.checkpoints import Checkpoint
+    from vlm_preserve.offline.writing import Hasher
+    g = torch.Generator().manual_seed(0)
+    for k in range(2):
+        save_file({f"model.layers.{k}.w{i}": torch.randn(64, 33, generator=g) for i in range(5)},
+                  str(tmp_path / f"model-0000{k + 1}-of-00002.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    want = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()}
+    ck = Checkpoint(tmp_path)
+    in_order = sorted(ck.names, key=lambda n: (ck.file_of(n), ck.offset(n)))
+    for names in (in_order, in_order[::-1], in_order[:3] + in_order[1:2] + in_order[6:]):
+        h = Hasher(tmp_path)
+        for n in names:
+            ck.get(n, seen=lambda *a: h.seen(*a).result())
+        assert h.hashes() == {str(tmp_path): want}
+        if names is in_order:
+            tensor_bytes = 10 * 64 * 33 * 4
+            assert h.read_here == sum(p.stat().st_size for p in tmp_path.iterdir()) - tensor_bytes
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_large_tensors_merged_in_row_pieces_give_the_same_files(ckpts, tmp_path, monkeypatch, layout):
+    """With sparsify none a tensor larger than PIECE bytes is read, merged and written in row ranges: with PIECE at
+    200 bytes (about one row per piece, pieces across the added-token rows and the base's end), every output file
+    is byte-identical to the whole-tensor merge, and the recipe's counts and hashes are the same."""
+    root, base, vlms = ckpts
+    args = ("--alpha", ",".join(map(str, ALPHAS)))
+    assert run_merge(vlms[layout], base, tmp_path / "whole", *args) == 0
+    monkeypatch.setattr("vlm_preserve.offline.merge.PIECE", 200)
+    assert run_merge(vlms[layout], base, tmp_path / "pieces", *args) == 0
+    files = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "pieces") for p in (tmp_path / "pieces").rglob("*") if p.is_file())
+    for f in files:
+        a, b = (tmp_path / "whole" / f).read_bytes(), (tmp_path / "pieces" / f).read_bytes()
+        if f.name == "vlm_preserve_merge.json":
+            a, b = ({k: v for k, v in json.loads(x).items() if k != "seconds"} for x in (a, b))
+        assert a == b, f

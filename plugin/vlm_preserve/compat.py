@@ -23,3 +23,13 @@ def allow_numpy_rng_state(patches: Patches) -> None:
                                            type(np.dtype(np.uint32))])
     cm.__enter__()
     patches.call_on_undo(lambda: cm.__exit__(None, None, None))
+
+
+def autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    """(enabled, dtype) of the autocast in effect for `device_type`: torch >= 2.4 asks by device, 2.0-2.3 had one
+    function per device."""
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    if device_type == "cpu":
+        return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()

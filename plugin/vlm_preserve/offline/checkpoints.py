@@ -82,9 +82,15 @@ class _Folder:
             return dtype_name(h[name]), tuple(h[name].shape)
         return h.spec(name)
 
-    def get(self, name: str, into=None):
+    def get(self, name: str, into=None, seen=None, rows=None):
         h = self._open(self.files[name])
-        return h[name] if isinstance(h, dict) else h.get(name, into)
+        if isinstance(h, dict):
+            return h[name] if rows is None else h[name][rows[0]:rows[1]]
+        return h.get(name, into, seen, rows)
+
+    def offset(self, name: str) -> int:
+        h = self._open(self.files[name])
+        return 0 if isinstance(h, dict) else h.header[name]["data_offsets"][0]
 
 
 class _SafetensorsFile:
@@ -105,19 +111,27 @@ class _SafetensorsFile:
     def spec(self, name: str) -> tuple[str, tuple[int, ...]]:
         return self.header[name]["dtype"], tuple(self.header[name]["shape"])
 
-    def get(self, name: str, into=None):
-        """The tensor `name`; read into the uint8 buffer `into` (reused by the caller: every fresh large
-        allocation costs a page fault per 4 KiB) when given, else into a new tensor."""
+    def get(self, name: str, into=None, seen=None, rows=None):
+        """The tensor `name` (its rows `rows` = (first, end) where given); read into the uint8 buffer `into`
+        (reused by the caller: every fresh large allocation costs a page fault per 4 KiB) when given, else into a
+        new tensor. `seen(path, offset, bytes)`, if given, is told what was read (the merge hashes its inputs from
+        it)."""
         import torch
         info = self.header[name]
         begin, end = info["data_offsets"]
         dtype = getattr(torch, DTYPES[info["dtype"]])
+        shape = info["shape"]
+        if rows is not None:
+            row = (end - begin) // shape[0]
+            begin, end, shape = begin + rows[0] * row, begin + rows[1] * row, [rows[1] - rows[0], *shape[1:]]
         raw = torch.empty(end - begin, dtype=torch.uint8) if into is None else into[:end - begin]
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.start + begin)
             if end > begin and f.readinto(raw.numpy()) != end - begin:
                 raise ConfigError(f"{self.path}: tensor {name!r} is truncated (the file is incomplete).")
-        return raw.view(dtype).reshape(info["shape"])
+        if seen is not None:
+            seen(self.path, self.start + begin, raw.numpy())
+        return raw.view(dtype).reshape(shape)
 
 
 class Checkpoint:
@@ -145,9 +159,15 @@ class Checkpoint:
         folder, n = self._split(name)
         return folder.spec(n)
 
-    def get(self, name: str, into=None):
+    def get(self, name: str, into=None, seen=None, rows=None):
         folder, n = self._split(name)
-        return folder.get(n, into)
+        return folder.get(n, into, seen, rows)
+
+    def offset(self, name: str) -> int:
+        """Where `name`'s bytes begin in its file (0 where unknown): reading in this order reads each file front
+        to back."""
+        folder, n = self._split(name)
+        return folder.offset(n)
 
     def file_of(self, name: str) -> str:
         """The weight file holding `name`, relative to the checkpoint folder."""

@@ -159,15 +159,18 @@ def merge(vlm: str, base_llm: str, alphas, out: str, *, density: float = 1.0, sp
     by_file: dict[str, list[_Item]] = {}
     for it in items:
         by_file.setdefault(v.file_of(it.name), []).append(it)
+    for its in by_file.values():  # each file front to back: read once, and hashed from that read
+        its.sort(key=lambda it: v.offset(it.name))
     # NVILA components without LLM tensors (vision_tower/, mm_projector/) are copied as files, byte for byte.
     copied_parts = {p for p in v.parts if p and not any(llm_name(v.layout, p + n) for n in v.parts[p].files)}
     written_parts = [p for p in v.parts if p not in copied_parts]
     written = [it for it in items if not any(it.name.startswith(p) for p in copied_parts)]
-    sizes = [nbytes(it.dtype, it.shape) for it in written]
-    bar = progress(sum(sizes), "merge") if show_progress else None
+    pieces = {f: list(_pieces(its, b, whole=sparsify_method != "none")) for f, its in by_file.items()}
+    written_pieces = [pc for f, pcs in pieces.items() for pc in pcs if not f.startswith(tuple(copied_parts))]
+    bar = progress(sum(nbytes(it.dtype, it.shape) for it in written), "merge") if show_progress else None
     stats = {"merged_tensors": 0, "copied_tensors": 0, "kept_vlm_rows": {}}
-    sizes += [nbytes(*b.spec(it.llm)) for it in written if it.llm]  # the base may be stored wider (fp32)
-    io = _Streams(v, b, max(sizes, default=0), len(alphas))
+    io = _Streams(v, b, max((max(pc.vlm_bytes, pc.base_bytes) for pc in written_pieces), default=0), len(alphas),
+                  hasher)
     with atomic_dir(out) as tmp, io:
         roots = [tmp / s for s in subdirs]
         for root in roots:
@@ -179,19 +182,19 @@ def merge(vlm: str, base_llm: str, alphas, out: str, *, density: float = 1.0, sp
                 rel = Path(part) / dst
                 writers = [ShardWriter(root / rel, [(i.name[len(part):], i.dtype, i.shape) for i in its])
                            for root in roots]
-                for it, t, l in io.pairs(its):
-                    outs = io.outputs(t)
+                for pc, t, l in io.pairs(pieces[src]):
+                    it, outs = pc.item, io.outputs(t)
                     if it.llm is None:
                         outs = [outs[0].copy_(t)] * len(roots)
-                        stats["copied_tensors"] += 1
                     else:
-                        merge_into(outs, t, l, alphas, sparsify_method, density, seed, it.name, it.shared_rows)
-                        stats["merged_tensors"] += 1
+                        merge_into(outs, t, l, alphas, sparsify_method, density, seed, it.name, pc.shared_rows)
+                    if pc.last:
+                        stats["copied_tensors" if it.llm is None else "merged_tensors"] += 1
                         if it.shared_rows is not None:
                             stats["kept_vlm_rows"][it.name] = [it.shared_rows, it.shape[0]]
                     io.write(writers, it.name[len(part):], outs)
                     if bar:
-                        bar.update(nbytes(it.dtype, it.shape))
+                        bar.update(pc.vlm_bytes)
                 io.close(writers)
             for root in roots:
                 write_index(root / part, {n: [i.name[len(part):] for i in its]
@@ -211,12 +214,47 @@ def merge(vlm: str, base_llm: str, alphas, out: str, *, density: float = 1.0, sp
     return [out / s if s else out for s in subdirs]
 
 
+PIECE = 1 << 26  # bytes: where the merge is elementwise (sparsify none), a larger tensor is read, merged and
+# written in row ranges of at most this size, so the buffers below (6 of them for one α) stay small whatever the
+# model: a 7B model's embedding is 250 MiB in bf16
+
+
+@dataclass
+class _Piece:
+    item: _Item
+    rows: tuple | None        # (first, end) row of the VLM tensor; None = the whole tensor
+    base_rows: tuple | None   # the same rows of the base tensor (fewer where the VLM added rows)
+    shared_rows: int | None   # merge_into's: rows of this piece that the base has (None: all, no rows added)
+    vlm_bytes: int
+    base_bytes: int
+    last: bool
+
+
+def _pieces(its: list[_Item], base: Checkpoint, whole: bool):
+    for it in its:
+        vb = nbytes(it.dtype, it.shape)
+        bspec = base.spec(it.llm) if it.llm else None
+        bb = nbytes(*bspec) if bspec else 0
+        n = it.shape[0] if it.shape else 0
+        if (whole and it.llm) or n <= 1 or max(vb, bb) <= PIECE:
+            yield _Piece(it, None, None, it.shared_rows, vb, bb, True)
+            continue
+        step = max(1, PIECE * n // max(vb, bb))
+        for r in range(0, n, step):
+            e = min(r + step, n)
+            s_rows = None if it.shared_rows is None else max(0, min(e, it.shared_rows) - r)
+            br = None if not it.llm else (min(r, bspec[1][0]), min(e, bspec[1][0]))
+            yield _Piece(it, (r, e), br, s_rows, vb * (e - r) // n, 0 if br is None else bb * (br[1] - br[0]) // bspec[1][0],
+                         e == n)
+
+
 class _Streams:
     """Double-buffered I/O around the arithmetic. Inputs are read one item ahead and outputs written one item
     behind, each on its own thread (file reads and writes release the GIL), into buffers allocated once (a
-    fresh large allocation costs a page fault per 4 KiB)."""
+    fresh large allocation costs a page fault per 4 KiB). Every input read is handed to the hasher, and an input
+    buffer is read into again only once its bytes are hashed."""
 
-    def __init__(self, vlm: Checkpoint, base: Checkpoint, size: int, n_out: int):
+    def __init__(self, vlm: Checkpoint, base: Checkpoint, size: int, n_out: int, hasher: Hasher):
         import torch
         from concurrent.futures import ThreadPoolExecutor
         self.vlm, self.base = vlm, base
@@ -224,16 +262,23 @@ class _Streams:
         self.inputs = [(new(), new()) for _ in range(2)]
         self.out_sets = [[new() for _ in range(n_out)] for _ in range(2)]
         self.written = [None, None]  # the pending write of each output set
+        self.hasher, self.hashing = hasher, [[], []]  # the pending hashes of each input slot
         self.k = -1                  # items handed out so far, minus one
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="merge-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="merge-write")
 
-    def _read(self, it: _Item, slot: int):
+    def _read(self, pc: _Piece, slot: int):
         bv, bl = self.inputs[slot]
-        return it, self.vlm.get(it.name, bv), None if it.llm is None else self.base.get(it.llm, bl)
+        for f in self.hashing[slot]:
+            f.result()
+        futures = self.hashing[slot] = []
+        seen = lambda *a: futures.append(self.hasher.seen(*a))  # noqa: E731
+        it = pc.item
+        return (pc, self.vlm.get(it.name, bv, seen, pc.rows),
+                None if it.llm is None else self.base.get(it.llm, bl, seen, pc.base_rows))
 
-    def pairs(self, items: list[_Item]):
-        """(item, VLM tensor, base tensor or None); the tensors stay valid until the next item is asked for."""
+    def pairs(self, items: list[_Piece]):
+        """(piece, VLM tensor, base tensor or None); the tensors stay valid until the next piece is asked for."""
         nxt = self.reader.submit(self._read, items[0], (self.k + 1) % 2) if items else None
         for i in range(len(items)):
             cur = nxt.result()

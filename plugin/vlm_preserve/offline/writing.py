@@ -1,5 +1,5 @@
 """Writing checkpoints for the offline tools: safetensors shards written tensor by tensor, the index, side files,
-an output folder that appears only once complete, and the sha256 of the inputs read on a background thread.
+an output folder that appears only once complete, and the sha256 of the inputs from the bytes the merge reads.
 
 - `ShardWriter` writes a safetensors file whose header is fixed up front from shapes and dtypes, then appends
   one tensor at a time: peak memory is a few tensors whatever the model size.
@@ -10,11 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import struct
-import threading
 from pathlib import Path
 
 from ..config import ConfigError
@@ -50,15 +48,20 @@ class ShardWriter:
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer does
         self.file = open(path, "wb")
         self.file.write(struct.pack("<Q", len(raw)) + raw)
-        self.next = 0
+        self.next, self.row = 0, 0
 
     def write(self, name: str, tensor) -> None:
+        """The next tensor, whole or as consecutive row ranges (the merge writes a large one in pieces)."""
         want = self.order[self.next]
         got = (name, dtype_name(tensor), tuple(tensor.shape))
-        if got != want:
-            raise AssertionError(f"shard writer: expected {want}, got {got}")
+        n = want[2][0] if want[2] else 1
+        rows = tensor.shape[0] if tensor.dim() else 1
+        if got[:2] != want[:2] or got[2][1:] != want[2][1:] or self.row + rows > n:
+            raise AssertionError(f"shard writer: expected {want} from row {self.row}, got {got}")
         self.file.write(tensor.contiguous().reshape(-1).view(__import__("torch").uint8).numpy().data)
-        self.next += 1
+        self.row += rows
+        if self.row == n:
+            self.next, self.row = self.next + 1, 0
 
     def close(self) -> None:
         if self.next != len(self.order):
@@ -112,52 +115,68 @@ def _alive(pid: str) -> bool:
         return True
 
 
-class Hasher(threading.Thread):
-    """sha256 of every file under the given folders, on a background thread: hashlib releases the GIL, so on
-    a multi-core machine hashing overlaps the merge instead of adding a second read of the inputs."""
+class Hasher:
+    """sha256 of every file under the given folders, folded into the caller's read pass: `seen(path, offset, data)`
+    hands it bytes the caller has just read, and each file is hashed front to back from them. Bytes that no read
+    covered before a later read (a file's header, tensors read out of order) are read here when a read passes them,
+    and whatever no read reached, in `hashes()`. So a caller that reads every file front to back (the merge) has
+    each byte read once, not a second time for the hash. Hashing runs on one background thread: hashlib releases
+    the GIL, so it overlaps the caller's arithmetic."""
 
     def __init__(self, *folders: Path):
-        super().__init__(daemon=True)
-        self.folders, self.result, self.error = folders, {}, None
-        self.start()
+        from concurrent.futures import ThreadPoolExecutor
+        self.folders = [Path(f) for f in folders]
+        self.files: dict[Path, list] = {}  # file -> [sha256 object, bytes hashed so far]
+        self.read_here = 0                 # bytes this class read itself, not handed over by a caller
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        self.buf = bytearray(1 << 24)
 
-    def run(self) -> None:
-        try:
-            for folder in self.folders:
-                files = {}
-                for p in sorted(Path(folder).rglob("*")):
-                    if p.is_file():
-                        files[str(p.relative_to(folder))] = _sha256(p)
-                self.result[str(folder)] = files
-        except Exception as e:  # surfaced by hashes()
-            self.error = e
+    def seen(self, path: Path, offset: int, data):
+        """Hash the bytes [offset, offset + len(data)) of `path`, just read by the caller. Returns a future: the
+        caller keeps `data` unchanged until it is done."""
+        return self.pool.submit(self._update, Path(path).absolute(), offset, data)
+
+    def _state(self, path: Path) -> list:
+        return self.files.setdefault(path, [hashlib.sha256(), 0])
+
+    def _update(self, path: Path, offset: int, data) -> None:
+        st = self._state(path)
+        if offset > st[1]:
+            self._read(path, st, offset)
+        view = memoryview(data).cast("B")
+        if offset + len(view) > st[1]:
+            st[0].update(view[st[1] - offset:])
+            st[1] = offset + len(view)
+
+    def _read(self, path: Path, st: list, stop: int | None = None) -> None:
+        view = memoryview(self.buf)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(st[1])
+            while stop is None or st[1] < stop:
+                n = f.readinto(view if stop is None else view[:min(len(view), stop - st[1])])
+                if not n:
+                    break
+                st[0].update(view[:n])
+                st[1] += n
+                self.read_here += n
 
     def hashes(self) -> dict:
-        self.join()
-        if self.error:
-            raise self.error
-        return self.result
-
-
-def _sha256(path: Path, step: int = 1 << 24) -> str:
-    """sha256 of a file, hashed straight from a read-only mapping (no copy out of the page cache: measured 2.5 s
-    less system time per 4.4 GB than read()), each step unmapped from this process once hashed, so the hashed
-    pages do not count in its RSS."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return h.hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            mm.madvise(mmap.MADV_SEQUENTIAL)
-            view = memoryview(mm)
-            try:
-                for i in range(0, size, step):
-                    h.update(view[i:i + step])
-                    mm.madvise(mmap.MADV_DONTNEED, i, min(step, size - i))
-            finally:
-                view.release()
-    return h.hexdigest()
+        """{folder: {file relative to it: sha256 hex}} for every file; waits for the pending updates."""
+        def finish():
+            out = {}
+            for folder in self.folders:
+                files = {}
+                for p in sorted(folder.rglob("*")):
+                    if p.is_file():
+                        st = self._state(p.absolute())
+                        self._read(p, st)
+                        files[str(p.relative_to(folder))] = st[0].hexdigest()
+                out[str(folder)] = files
+            return out
+        try:
+            return self.pool.submit(finish).result()  # on the hashing thread, after every pending update
+        finally:
+            self.pool.shutdown()
 
 
 def progress(total_bytes: int, desc: str):

@@ -11,8 +11,12 @@ visual features:
 
 f_pred: Linear(d, d) → GELU → Linear(d, d_anchor) (the paper does not report width or activation).
 It exists only in training: saved in Trainer checkpoints, never in an exported model.
-Memory: the head and the cosine run over chunks of `PRE_CHUNK` tokens, each recomputed in backward, so the
-step holds one chunk of head activations, not (visual tokens × d) several times over.
+Memory: the head and the cosine run over chunks of `PRE_CHUNK` tokens in one autograd function that saves no
+activation and recomputes each chunk in backward, adding its gradients in place into one buffer per input; so beyond
+the inputs and their gradients the term holds one chunk's activations and gradients (and, transiently, one weight
+matrix's gradient for that chunk), whatever the number of visual tokens. Same value as the plain formula, gradients
+to rounding (tests/test_losses.py). Under DeepSpeed ZeRO-3 the chunks are checkpointed calls of the head's modules
+instead, as many on every rank (see head_pre_loss).
 Layer l is 0-based; `middle` = num_layers // 2 (Vicuna-7B: 16 of 32).
 """
 from __future__ import annotations
@@ -22,9 +26,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from ..capture import StepCapture
+from ..compat import autocast_state
 from ..config import ConfigError, choice
 from .base import Method, ModelDims, register
 
@@ -62,7 +69,7 @@ class PReHead(nn.Sequential):
         super().__init__(nn.Linear(d_in, d_in), nn.GELU(), nn.Linear(d_in, d_out))
 
 
-PRE_CHUNK = 1024
+PRE_CHUNK = 512  # rows: the term holds one chunk's working set (own memory at the 7B shape, bf16: 1024 0.90%, 512 0.61%)
 
 
 def pre_loss(pred: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
@@ -70,26 +77,85 @@ def pre_loss(pred: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     return -F.cosine_similarity(pred.float(), anchor.detach().float(), dim=-1, eps=1e-6).mean()
 
 
-def _cos_sum(head: nn.Module, h: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    pred = head(h.to(head[0].weight.dtype))
+def _cos_sum(head, h: torch.Tensor, anchor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    pred = head(h.to(dtype))
     return F.cosine_similarity(pred.float(), anchor.float(), dim=-1, eps=1e-6).sum()
 
 
+class _ChunkedHeadCosine(torch.autograd.Function):
+    """Σ_i cos(head(h_i), anchor_i) over all rows of h, chunk by chunk. Forward: no graph, nothing saved but h, the
+    anchor and the head's parameters. Backward: each chunk recomputed (under the forward's autocast state) and
+    back-propagated on its own, its gradients added in place into one buffer per input (h, each parameter), all
+    allocated first and returned once. So no chunk makes a full-size gradient of h (slicing h under autograd did:
+    one (rows × d) buffer per chunk), and each parameter's gradient reaches its AccumulateGrad once (as DDP needs)."""
+
+    @staticmethod
+    def forward(ctx, h, anchor, head, chunk, names, dtype, *params):
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, h.shape[0], chunk):
+            total = total + _cos_sum(head, h[i:i + chunk], anchor[i:i + chunk], dtype)
+        ctx.save_for_backward(h, anchor, *params)
+        ctx.head, ctx.chunk, ctx.names, ctx.dtype = head, chunk, names, dtype
+        ctx.autocast = autocast_state(h.device.type)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        h, anchor, *params = ctx.saved_tensors
+        need_h, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[6:]
+        gh = torch.zeros_like(h) if need_h else None
+        # the parameters as fresh leaves sharing their storage, each with its gradient buffer preset: autograd then
+        # adds every chunk's gradient into it in place
+        leaves = [p.detach().requires_grad_(n) for p, n in zip(params, need_p)]
+        for leaf in leaves:
+            if leaf.requires_grad:
+                leaf.grad = torch.zeros_like(leaf)
+        weights = dict(zip(ctx.names, leaves))
+        enabled, dtype = ctx.autocast
+        for i in reversed(range(0, h.shape[0], ctx.chunk)):  # last chunk first, the old path's order
+            x = h[i:i + ctx.chunk].detach().requires_grad_(need_h)
+            if need_h:
+                x.grad = gh[i:i + ctx.chunk]
+            with torch.enable_grad(), torch.autocast(h.device.type, dtype=dtype, enabled=enabled):
+                s = _cos_sum(lambda t: functional_call(ctx.head, weights, (t,)), x, anchor[i:i + ctx.chunk], ctx.dtype)
+            inputs = [t for t in (x, *leaves) if t.requires_grad]
+            if inputs:
+                torch.autograd.backward(s, g, inputs=inputs)
+        return (gh, None, None, None, None, None, *(leaf.grad if leaf.requires_grad else None for leaf in leaves))
+
+
 def head_pre_loss(head: nn.Module, h: torch.Tensor, anchor: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """pre_loss(head(h), anchor), computed chunk by chunk with activation checkpointing (same value)."""
-    chunk = chunk or PRE_CHUNK
-    if any(hasattr(p, "ds_id") for p in head.parameters()):
-        # DeepSpeed ZeRO-3 gathers the head's weights on every call (forward, recompute, backward): the number of
-        # calls must be the same on every rank, whatever its visual-token count, or the collectives mismatch.
-        chunk = max(h.shape[0], 1)
+    """pre_loss(head(h), anchor): the head and the cosine over chunks of rows, recomputed in backward (same value,
+    and gradients to fp32 rounding)."""
     anchor = anchor.detach()
-    total = h.new_zeros((), dtype=torch.float32)
-    for i in range(0, h.shape[0], chunk):
-        args = (head, h[i:i + chunk], anchor[i:i + chunk])
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_cos_sum, *args, use_reentrant=False)
-        else:
-            total = total + _cos_sum(*args)
+    names, params = zip(*head.named_parameters())
+    dtype = head[0].weight.dtype  # h enters the head in its dtype, as the Attachment casts the head to the model's
+    chunk = chunk or PRE_CHUNK
+    if any(hasattr(p, "ds_id") for p in params):
+        # DeepSpeed ZeRO-3 gathers the head's weights in hooks on every call of its modules (forward, recompute,
+        # backward): so the recompute must call the modules (checkpointed chunks sliced from h, the path before
+        # _ChunkedHeadCosine, with its full-size gradient of h per chunk), and every rank must make the same number
+        # of calls whatever its visual-token count, or the collectives mismatch: the largest row count over the
+        # ranks sets the number of chunks; a rank out of rows runs one zero row against a zero anchor, which adds
+        # exactly 0 to the value and the gradients. Every chunk's input requires a gradient: without that a text-only
+        # rank (its placeholder needs none) made one gather fewer than an image rank (tests/test_distributed_llava.py;
+        # as we read DeepSpeed's hooks, it releases a module's weights after backward through its inputs' gradients).
+        n = torch.tensor([h.shape[0]], device=h.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, max(int(n), 1), chunk):
+            hi, ai = h[i:i + chunk], anchor[i:i + chunk]
+            if hi.shape[0] == 0:
+                hi, ai = h.new_zeros(1, h.shape[1]), anchor.new_zeros(1, anchor.shape[1])
+            if torch.is_grad_enabled() and not hi.requires_grad:
+                hi = hi.detach().requires_grad_()
+            args = (head, hi, ai, dtype)
+            total = total + (checkpoint(_cos_sum, *args, use_reentrant=False) if torch.is_grad_enabled()
+                             else _cos_sum(*args))
+    else:
+        total = _ChunkedHeadCosine.apply(h, anchor, head, chunk, names, dtype, *params)
     return -total / h.shape[0]
 
 
