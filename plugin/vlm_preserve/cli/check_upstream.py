@@ -90,6 +90,13 @@ def _tiny_run_transformers() -> str | None:
     return f"tiny attached step gave no finite {bad}" if bad else None
 
 
+def _first_step_finite(rows: list[dict], what: str) -> str | None:
+    """None if the first logged training step has a finite loss, rdd_loss and pre_loss, else what is wrong."""
+    row = next((r for r in rows if "loss" in r), {})
+    bad = [k for k in ("loss", "rdd_loss", "pre_loss") if not (k in row and row[k] == row[k] and abs(row[k]) < 1e6)]
+    return f"tiny {what} step logged no finite {bad}: {row}" if bad else None
+
+
 def _tiny_run_llamafactory() -> str | None:
     import yaml
 
@@ -105,9 +112,7 @@ def _tiny_run_llamafactory() -> str | None:
         (Path(tmp) / "run.yaml").write_text(yaml.safe_dump(cfg))
         train([str(Path(tmp) / "run.yaml"), "--regularizer", "rdd,pre"])
         rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
-        row = next((r for r in rows if "loss" in r), {})
-        bad = [k for k in ("loss", "rdd_loss", "pre_loss") if not (k in row and row[k] == row[k] and abs(row[k]) < 1e6)]
-        return f"tiny llamafactory-train step logged no finite {bad}: {row}" if bad else None
+        return _first_step_finite(rows, "llamafactory-train")
 
 
 def _tiny_run_swift() -> str | None:
@@ -126,9 +131,7 @@ def _tiny_run_swift() -> str | None:
         if p.returncode != 0:
             return f"tiny swift sft step failed ({p.returncode}): {p.stderr[-2000:]}"
         rows = [json.loads(line) for line in (out / "logging.jsonl").read_text().splitlines()]
-        row = next((r for r in rows if "loss" in r), {})
-        bad = [k for k in ("loss", "rdd_loss", "pre_loss") if not (k in row and row[k] == row[k] and abs(row[k]) < 1e6)]
-        return f"tiny swift sft step logged no finite {bad}: {row}" if bad else None
+        return _first_step_finite(rows, "swift sft")
 
 
 def _tiny_run(upstream: str = "llava") -> str | None:
@@ -164,9 +167,7 @@ def _tiny_run_launcher(upstream: str) -> str | None:
         torch.manual_seed(0)
         train(args + ["--regularizer", "rdd,pre"])
         hist = json.loads((Path(tmp) / "run" / "trainer_state.json").read_text())["log_history"]
-        row = next((r for r in hist if "loss" in r), {})
-        bad = [k for k in ("loss", "rdd_loss", "pre_loss") if not (k in row and row[k] == row[k] and abs(row[k]) < 1e6)]
-        return f"tiny patched step logged no finite {bad}: {row}" if bad else None
+        return _first_step_finite(hist, "patched")
 
 
 def check_upstream(upstream: str, source: str | None = None, run: bool = True) -> int:
