@@ -261,3 +261,25 @@ def test_large_tensors_merged_in_row_pieces_give_the_same_files(ckpts, tmp_path,
         if f.name == "vlm_preserve_merge.json":
             a, b = ({k: v for k, v in json.loads(x).items() if k != "seconds"} for x in (a, b))
         assert a == b, f
+
+
+def test_arithmetic_runs_on_one_torch_thread_and_the_count_is_restored(ckpts, tmp_path, monkeypatch):
+    """The merge's small elementwise steps run on one torch thread (on 2 cores, intra-op threads spinning between
+    them took the reader's, writer's and hasher's CPU: docs/benchmarks.md, merge at 7B); the caller's thread count
+    comes back afterwards, also when the merge fails."""
+    import vlm_preserve.offline.merge as m
+    root, base, vlms = ckpts
+    seen, real = [], m.merge_into
+    monkeypatch.setattr(m, "merge_into", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert run_merge(vlms["native-new"], base, tmp_path / "out", "--alpha", "0.1") == 0
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(m, "merge_into", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+        with pytest.raises(OSError):
+            run_merge(vlms["native-new"], base, tmp_path / "failed", "--alpha", "0.1")
+        assert torch.get_num_threads() == 2 and not (tmp_path / "failed").exists()
+    finally:
+        torch.set_num_threads(before)
