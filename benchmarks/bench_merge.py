@@ -283,10 +283,11 @@ def main_7b(args) -> None:
             res.setdefault(name, []).append(r)
             print(name, rep, r, flush=True)
             if name == "ours" and rep == 0 and args.mergekit:
-                os.rename(work / "ours", work / "ours_kept")  # compared with mergekit's output below
-    if args.mergekit:
-        count, bad = equal_outputs(work / "ours_kept", work / "mergekit")
-        res["mergekit_equal"] = {"tensors": count, "different_or_missing": bad[:10], "n_different": len(bad)}
+                os.rename(work / "ours", work / "ours_kept")  # compared with mergekit's first output
+            if name == "mergekit" and rep == 0:  # (before the next run removes it)
+                count, bad = equal_outputs(work / "ours_kept", work / "mergekit")
+                res["mergekit_equal"] = {"tensors": count, "different_or_missing": bad[:10], "n_different": len(bad)}
+                print("mergekit_equal", res["mergekit_equal"], flush=True)
     recipe = json.loads(((work / "ours_kept") if args.mergekit else (work / "ours")).joinpath(
         "vlm_preserve_merge.json").read_text())
     first = sorted(vlm.glob("*.safetensors"))[0].name
