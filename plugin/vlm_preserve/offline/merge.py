@@ -100,8 +100,8 @@ def plan(vlm: Checkpoint, base: Checkpoint) -> list[_Item]:
 
 
 CHUNK = 1 << 18  # elements per step of the arithmetic: the float32 working set (3 MiB) stays in cache (measured 4x
-# faster than whole-tensor float32 temporaries, which spend their time on memory traffic and page faults; and about
-# 1.5x faster than 1 << 16, whose 6 ops per 64 Ki elements were dominated by per-op overhead)
+# faster than whole-tensor float32 temporaries, which spend their time on memory traffic and page faults); fewer
+# steps than 1 << 16, whose per-op overhead cost 1.4x the CPU (docs/benchmarks.md, merge at 7B, the rerun)
 
 
 def merge_into(outs, vlm_t, llm_t, alphas, method: str, density: float, seed: int, name: str, shared_rows=None):
@@ -253,8 +253,8 @@ def _pieces(its: list[_Item], base: Checkpoint, whole: bool):
 @contextlib.contextmanager
 def _one_thread():
     """torch ops on one thread here: split over its intra-op threads, each chunk's ops left those threads spinning
-    between ops on the cores that the reader, writer and hasher threads need (7B merge on 2 cores: 42 s of CPU for the
-    arithmetic instead of 13, and 50 s wall instead of 40)."""
+    between ops on the cores that the reader, writer and hasher threads need (7B merge on 2 cores: 25 s of CPU for the
+    arithmetic instead of 7.5; docs/benchmarks.md, merge at 7B, the rerun)."""
     import torch
     n = torch.get_num_threads()
     torch.set_num_threads(1)
