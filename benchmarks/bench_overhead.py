@@ -38,7 +38,7 @@ IMAGE_START = 35  # where the 576 image tokens begin in each sample (after LLaVA
 # Part B's measurements. time:TERM = the term's current (new) and previous (old) implementations timed side by side
 # (RDD old: checkpointed row blocks, tests/helpers/rdd_checkpointed.py; PRe old: checkpointed token chunks sliced
 # from h under autograd, tests/helpers/pre_checkpointed.py; PRe zero3: the branch head_pre_loss takes under
-# DeepSpeed ZeRO-3, its parameters marked as DeepSpeed's, one process); mem:TERM:IMPL:INPUTS:DTYPE:CAP = one
+# DeepSpeed ZeRO-3, its parameters marked as DeepSpeed's, one process, the gathers' full weights allocated); mem:TERM:IMPL:INPUTS:DTYPE:CAP = one
 # fwd+bwd's peak memory. INPUTS: `embeds` = the production path (RDD.loss on a (B, L, d) inputs_embeds and its
 # masks), `leaves` = the text and visual tokens as two separate leaf tensors (how runs 1-3 measured). CAP 0 = none.
 B_RUNS = ["time:rdd", "time:pre",
@@ -150,9 +150,10 @@ def term_setup(term: str, impl: str, inputs: str, dtype: str, B: int, nt: int, n
         head, anchor = PReHead(d, d).to(dt), torch.randn(B * nv, d, dtype=dt)
         h = torch.randn(B * nv, d, dtype=dt).requires_grad_()
         loss = pre_checkpointed.head_pre_loss if impl == "old" else head_pre_loss
-        if impl == "zero3":  # the branch head_pre_loss takes under DeepSpeed ZeRO-3 (one process: no gathers)
+        if impl == "zero3":  # the branch head_pre_loss takes under DeepSpeed ZeRO-3, in one process
             for p in head.parameters():
                 p.ds_id = 0
+            _fake_zero3_gather()
         return (lambda seed, small=False: loss(head, h[:300] if small else h, anchor[:300] if small
                                                else anchor)), [h, *head.parameters()]
     cfg = RDDConfig(rdd_max_tokens=cap)
@@ -183,6 +184,25 @@ def term_setup(term: str, impl: str, inputs: str, dtype: str, B: int, nt: int, n
               StepCapture(inputs_embeds=e, image_mask=img, attention_mask=attn, step_seed=seed))
         return (old.rdd_loss(cp, c) if impl == "old" else RDD(c).loss(cp))[0]
     return fwd, [e]
+
+
+def _fake_zero3_gather() -> None:
+    """DeepSpeed's GatheredParameters for one process: it allocates (and touches) the full weights a real ZeRO-3
+    gather would, for as long as the context lasts, so the memory rows count the gathered head."""
+    import contextlib
+    import types
+
+    import torch
+
+    @contextlib.contextmanager
+    def gathered(params):
+        full = torch.empty(sum(p.numel() * p.element_size() for p in params), dtype=torch.uint8).fill_(1)
+        try:
+            yield
+        finally:
+            del full
+
+    sys.modules["deepspeed"] = types.SimpleNamespace(zero=types.SimpleNamespace(GatheredParameters=gathered))
 
 
 def worker_term(term: str, mode: str, dtype: str, impl: str, inputs: str, B: int, nt: int, nv: int, d: int,

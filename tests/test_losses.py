@@ -1,5 +1,8 @@
 """The methods against independent computations: closed forms, invariances, bandwidth scaling."""
+import contextlib
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -392,20 +395,35 @@ def test_pre_head_gradient_arrives_once_and_accumulates():
         torch.testing.assert_close(p.grad, g)
 
 
-def test_pre_zero3_branch_runs_as_many_chunks_as_the_largest_rank_and_adds_nothing_for_the_extra(monkeypatch):
-    """Under ZeRO-3 (parameters carrying ds_id) every rank runs as many head calls as the rank with the most visual
-    tokens (one all_reduce; here a fake one reporting 3000 rows): the extra calls (one zero row against a zero anchor)
-    leave the value and the gradients exactly as without them."""
-    head, h, anchor = _pre_inputs(torch.float32)
-    v_ref, g_ref = _pre_run(head_pre_loss, head, h, anchor, 700)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_pre_zero3_gathers_the_head_once_per_pass_and_equals_the_default_path(monkeypatch, autocast):
+    """Under ZeRO-3 (parameters carrying ds_id) the head is gathered once around the forward and once for the
+    backward, whatever the number of chunks (3000 rows, chunks of 700: 5), and its modules are never called (their
+    ZeRO-3 hooks would gather per call and release what the term gathered). The backward's gather is left only once
+    every parameter's gradient is accumulated (a partitioned parameter cannot take its full-size gradient). Value and
+    every gradient are bit for bit the default path's, also under autocast. A fake DeepSpeed records the gathers."""
+    head, h, anchor = _pre_inputs(torch.float32, n=3000)
+    v_ref, g_ref = _pre_run(head_pre_loss, head, h, anchor, 700, autocast)
+    events, calls = [], []
+
+    @contextlib.contextmanager
+    def gathered(params):
+        params = list(params)
+        events.append(("gather", len(params)))
+        yield
+        events.append(("release", sum(p.grad is not None for p in params)))
+
+    monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(zero=types.SimpleNamespace(
+        GatheredParameters=gathered)))
     for p in head.parameters():
         p.ds_id = 0
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: t.fill_(3000))
-    calls = []
-    head[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    v, g = _pre_run(head_pre_loss, head, h, anchor, 700)
-    assert calls[:5] == [700, 700, 700, 400, 1]  # the forward; the backward recomputes them
-    assert v.item() == pytest.approx(v_ref.item(), rel=1e-6)
-    for got, want in zip(g, g_ref):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7 * want.abs().max().item())
+    for m in head:
+        m.register_forward_pre_hook(lambda m, i: calls.append(m))
+    v, g = _pre_run(head_pre_loss, head, h, anchor, 700, autocast)
+    assert events == [("gather", 4), ("release", 0), ("gather", 4), ("release", 4)] and calls == []
+    assert torch.equal(v, v_ref) and all(torch.equal(a, b) for a, b in zip(g, g_ref))
+    events.clear()  # no gradient wanted for the head: the backward's gather is left at once
+    head.zero_grad(set_to_none=True)
+    head.requires_grad_(False)
+    head_pre_loss(head, h, anchor, chunk=700).backward()
+    assert events == [("gather", 4), ("release", 0), ("gather", 4), ("release", 0)]

@@ -15,8 +15,8 @@ Memory: the head and the cosine run over chunks of `PRE_CHUNK` tokens in one aut
 activation and recomputes each chunk in backward, adding its gradients in place into one buffer per input; so beyond
 the inputs and their gradients the term holds one chunk's activations and gradients (and, transiently, one weight
 matrix's gradient for that chunk), whatever the number of visual tokens. Same value as the plain formula, gradients
-to rounding (tests/test_losses.py). Under DeepSpeed ZeRO-3 the chunks are checkpointed calls of the head's modules
-instead, as many on every rank (see head_pre_loss).
+to rounding (tests/test_losses.py). Under DeepSpeed ZeRO-3 the same function runs on the head's weights gathered once for
+the forward and once for the backward (see head_pre_loss).
 Layer l is 0-based; `middle` = num_layers // 2 (Vicuna-7B: 16 of 32).
 """
 from __future__ import annotations
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call
-from torch.utils.checkpoint import checkpoint
 
 from ..capture import StepCapture
 from ..compat import autocast_state
@@ -82,28 +81,52 @@ def _cos_sum(head, h: torch.Tensor, anchor: torch.Tensor, dtype: torch.dtype) ->
     return F.cosine_similarity(pred.float(), anchor.float(), dim=-1, eps=1e-6).sum()
 
 
+def _head_weights(w: dict, x: torch.Tensor) -> torch.Tensor:
+    """PReHead's forward from its weights by name (the same ops as its modules), without calling the modules."""
+    return F.linear(F.gelu(F.linear(x, w["0.weight"], w["0.bias"])), w["2.weight"], w["2.bias"])
+
+
 class _ChunkedHeadCosine(torch.autograd.Function):
     """Σ_i cos(head(h_i), anchor_i) over all rows of h, chunk by chunk. Forward: no graph, nothing saved but h, the
     anchor and the head's parameters. Backward: each chunk recomputed (under the forward's autocast state) and
     back-propagated on its own, its gradients added in place into one buffer per input (h, each parameter), all
     allocated first and returned once. So no chunk makes a full-size gradient of h (slicing h under autograd did:
-    one (rows × d) buffer per chunk), and each parameter's gradient reaches its AccumulateGrad once (as DDP needs)."""
+    one (rows × d) buffer per chunk), and each parameter's gradient reaches its AccumulateGrad once (as DDP needs).
+    `zero3`: the head's weights are DeepSpeed ZeRO-3 partitions, gathered by the caller around the forward and here
+    for the backward (until their gradients are accumulated), and the head runs from its weights (`_head_weights`),
+    never through its modules."""
 
     @staticmethod
-    def forward(ctx, h, anchor, head, chunk, names, dtype, *params):
+    def forward(ctx, h, anchor, head, chunk, names, dtype, zero3, *params):
+        run = (lambda t: _head_weights(dict(zip(names, params)), t)) if zero3 else head
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, h.shape[0], chunk):
-            total = total + _cos_sum(head, h[i:i + chunk], anchor[i:i + chunk], dtype)
-        ctx.save_for_backward(h, anchor, *params)
-        ctx.head, ctx.chunk, ctx.names, ctx.dtype = head, chunk, names, dtype
+            total = total + _cos_sum(run, h[i:i + chunk], anchor[i:i + chunk], dtype)
+        ctx.save_for_backward(h, anchor)
+        ctx.params = params  # not saved tensors: under ZeRO-3 their data is swapped for partitions after the forward
+        ctx.head, ctx.chunk, ctx.names, ctx.dtype, ctx.zero3 = head, chunk, names, dtype, zero3
         ctx.autocast = autocast_state(h.device.type)
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        h, anchor, *params = ctx.saved_tensors
-        need_h, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[6:]
+        if not ctx.zero3:
+            return _ChunkedHeadCosine._backward(ctx, g)
+        gather = _gathered(ctx.params)
+        gather.__enter__()
+        try:
+            grads = _ChunkedHeadCosine._backward(ctx, g)
+        except BaseException:
+            gather.__exit__(None, None, None)
+            raise
+        _release_after_accumulation(gather, [p for p, gr in zip(ctx.params, grads[7:]) if gr is not None])
+        return grads
+
+    @staticmethod
+    def _backward(ctx, g):
+        (h, anchor), params = ctx.saved_tensors, ctx.params
+        need_h, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[7:]
         gh = torch.zeros_like(h) if need_h else None
         # the parameters as fresh leaves sharing their storage, each with its gradient buffer preset: autograd then
         # adds every chunk's gradient into it in place
@@ -112,17 +135,45 @@ class _ChunkedHeadCosine(torch.autograd.Function):
             if leaf.requires_grad:
                 leaf.grad = torch.zeros_like(leaf)
         weights = dict(zip(ctx.names, leaves))
+        run = (lambda t: _head_weights(weights, t)) if ctx.zero3 else (
+            lambda t: functional_call(ctx.head, weights, (t,)))
         enabled, dtype = ctx.autocast
         for i in reversed(range(0, h.shape[0], ctx.chunk)):  # last chunk first, the old path's order
             x = h[i:i + ctx.chunk].detach().requires_grad_(need_h)
             if need_h:
                 x.grad = gh[i:i + ctx.chunk]
             with torch.enable_grad(), torch.autocast(h.device.type, dtype=dtype, enabled=enabled):
-                s = _cos_sum(lambda t: functional_call(ctx.head, weights, (t,)), x, anchor[i:i + ctx.chunk], ctx.dtype)
+                s = _cos_sum(run, x, anchor[i:i + ctx.chunk], ctx.dtype)
             inputs = [t for t in (x, *leaves) if t.requires_grad]
             if inputs:
                 torch.autograd.backward(s, g, inputs=inputs)
-        return (gh, None, None, None, None, None, *(leaf.grad if leaf.requires_grad else None for leaf in leaves))
+        return (gh, None, None, None, None, None, None,
+                *(leaf.grad if leaf.requires_grad else None for leaf in leaves))
+
+
+def _gathered(params):
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params)
+
+
+def _release_after_accumulation(gather, params) -> None:
+    """Leave `gather` once autograd has put each of `params`' gradients in place, which it does after the backward
+    that returned them: a parameter partitioned again by then cannot take its full-size gradient. ZeRO-3's own hook
+    on each parameter (reduce the gradient) was registered first, so it runs first, on the gathered parameter, as it
+    does for the model's modules."""
+    left = {id(p) for p in params}
+    handles = []
+
+    def accumulated(p):
+        left.discard(id(p))
+        if not left:
+            for h in handles:
+                h.remove()
+            gather.__exit__(None, None, None)
+
+    if not left:
+        return gather.__exit__(None, None, None)
+    handles.extend(p.register_post_accumulate_grad_hook(accumulated) for p in params)
 
 
 def head_pre_loss(head: nn.Module, h: torch.Tensor, anchor: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
@@ -131,31 +182,16 @@ def head_pre_loss(head: nn.Module, h: torch.Tensor, anchor: torch.Tensor, chunk:
     anchor = anchor.detach()
     names, params = zip(*head.named_parameters())
     dtype = head[0].weight.dtype  # h enters the head in its dtype, as the Attachment casts the head to the model's
-    chunk = chunk or PRE_CHUNK
+    args = (h, anchor, head, chunk or PRE_CHUNK, names, dtype)
     if any(hasattr(p, "ds_id") for p in params):
-        # DeepSpeed ZeRO-3 gathers the head's weights in hooks on every call of its modules (forward, recompute,
-        # backward): so the recompute must call the modules (checkpointed chunks sliced from h, the path before
-        # _ChunkedHeadCosine, with its full-size gradient of h per chunk), and every rank must make the same number
-        # of calls whatever its visual-token count, or the collectives mismatch: the largest row count over the
-        # ranks sets the number of chunks; a rank out of rows runs one zero row against a zero anchor, which adds
-        # exactly 0 to the value and the gradients. Every chunk's input requires a gradient: without that a text-only
-        # rank (its placeholder needs none) made one gather fewer than an image rank (tests/test_distributed_llava.py;
-        # as we read DeepSpeed's hooks, it releases a module's weights after backward through its inputs' gradients).
-        n = torch.tensor([h.shape[0]], device=h.device)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
-        total = h.new_zeros((), dtype=torch.float32)
-        for i in range(0, max(int(n), 1), chunk):
-            hi, ai = h[i:i + chunk], anchor[i:i + chunk]
-            if hi.shape[0] == 0:
-                hi, ai = h.new_zeros(1, h.shape[1]), anchor.new_zeros(1, anchor.shape[1])
-            if torch.is_grad_enabled() and not hi.requires_grad:
-                hi = hi.detach().requires_grad_()
-            args = (head, hi, ai, dtype)
-            total = total + (checkpoint(_cos_sum, *args, use_reentrant=False) if torch.is_grad_enabled()
-                             else _cos_sum(*args))
+        # DeepSpeed ZeRO-3: the head is gathered once around the forward and once in the backward, the same two
+        # collectives on every rank whatever its visual-token count (a text-only rank runs one placeholder row), and
+        # its modules are never called: their hooks would gather per call and release what was gathered here. The
+        # gather comes before apply so that autograd records the parameters' full shapes for their gradients.
+        with _gathered(params):
+            total = _ChunkedHeadCosine.apply(*args, True, *params)
     else:
-        total = _ChunkedHeadCosine.apply(h, anchor, head, chunk, names, dtype, *params)
+        total = _ChunkedHeadCosine.apply(*args, False, *params)
     return -total / h.shape[0]
 
 
