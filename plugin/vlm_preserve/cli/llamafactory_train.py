@@ -108,20 +108,44 @@ def preflight(configs: dict, names: list[str], theirs) -> None:
             configs[DistillConfig].layer_indices(cfg.num_hidden_layers)
 
 
+class _Inline:
+    """An executor that runs each task when it is submitted."""
+
+    def submit(self, fn, *args, **kwargs):
+        from concurrent.futures import Future
+        f = Future()
+        try:
+            f.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # as a thread pool does: kept in the future, not raised into the caller
+            f.set_exception(e)
+        return f
+
+    def shutdown(self, wait=True, **kwargs):
+        pass
+
+
 def log_callback_class(base: type, keys: tuple) -> type:
     """LLaMA-Factory's LogCallback whose trainer_log.jsonl lines also carry `keys` (it copies a fixed set)."""
 
     class PreservingLogCallback(base):
+        def _create_thread_pool(self, output_dir):
+            # each line written at once, inside on_log: with LLaMA-Factory's background thread the line was written
+            # after on_log had returned, and the run's summary log (the same step, no terms) could replace the
+            # terms meant for the last step's line before it was written (a test failed that way under load)
+            super()._create_thread_pool(output_dir)
+            self.thread_pool.shutdown(wait=True)
+            self.thread_pool = _Inline()
+
         def on_log(self, args, state, control, **kwargs):
             last = state.log_history[-1] if state.log_history else {}
-            # written later by its thread pool, keyed by step: the next log cannot overwrite a pending one
-            self._vp_pending = getattr(self, "_vp_pending", {})
-            self._vp_pending[state.global_step] = {k: last[k] for k in keys if k in last}
-            return super().on_log(args, state, control, **kwargs)
+            self._vp_extra = {k: last[k] for k in keys if k in last}
+            try:
+                return super().on_log(args, state, control, **kwargs)
+            finally:
+                self._vp_extra = {}
 
         def _write_log(self, output_dir, logs):
-            extra = getattr(self, "_vp_pending", {}).pop(logs.get("current_steps"), {})
-            return super()._write_log(output_dir, {**logs, **extra})
+            return super()._write_log(output_dir, {**logs, **getattr(self, "_vp_extra", {})})
 
     PreservingLogCallback.__qualname__ = PreservingLogCallback.__name__ = f"Preserving{base.__name__}"
     return PreservingLogCallback
