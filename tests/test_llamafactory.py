@@ -11,6 +11,7 @@ import pytest
 
 from conftest import paired
 from helpers.grad_probe import GradProbe
+from helpers.resume_heads import assert_resumed_from, heads_at_start, saved_heads_copied
 
 lf = pytest.importorskip("llamafactory", reason="LLaMA-Factory is not installed in this environment "
                                                 "(scripts/setup_env.sh llamafactory)")
@@ -232,27 +233,13 @@ def test_resume_restores_heads(qwen, tmp_path):
     """Resumed from checkpoint-2, training starts from the heads saved there (not fresh ones), and goes on saving
     them. (Not compared with the uninterrupted run's step 4: transformers 5.x's Trainer does not reload a VLM's
     weights on resume — its log lists every model key as missing — so the two runs differ from step 3 on.)"""
-    from transformers import TrainerCallback
-
     full = run(qwen, tmp_path / "a", regularizer="pre", save_strategy="steps", save_steps=2)
-    saved = load_file(full / "checkpoint-2" / "vlm_preserve_heads.safetensors")
-    assert saved and any(not torch.equal(saved[k], v) for k, v in
-                         load_file(full / "checkpoint-4" / "vlm_preserve_heads.safetensors").items())
     b = tmp_path / "b"
-    b.mkdir()
-    import shutil
-    shutil.copytree(full / "checkpoint-2", b / "checkpoint-2")
-    seen = {}
-
-    class AtStart(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kw):
-            seen.update({k: v.detach().clone() for k, v in model.vlm_preserve_heads.state_dict().items()})
-
-    run(qwen, b, callbacks=[AtStart()], regularizer="pre", save_strategy="steps", save_steps=2,
+    saved = saved_heads_copied(full, b)
+    callback, seen = heads_at_start()
+    run(qwen, b, callbacks=[callback], regularizer="pre", save_strategy="steps", save_steps=2,
         overwrite_output_dir=False, resume_from_checkpoint=str(b / "checkpoint-2"))
-    assert {f"pre.{k}" if not k.startswith("pre.") else k for k in seen} == set(saved)
-    assert all(torch.equal(seen[k if k in seen else k[len("pre."):]], v) for k, v in saved.items())
-    assert (b / "checkpoint-4" / "vlm_preserve_heads.safetensors").exists()
+    assert_resumed_from(seen, saved, b)
 
 
 def test_refusals(qwen, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import paired
 from helpers.grad_probe import GradProbe
+from helpers.resume_heads import assert_resumed_from, heads_at_start, saved_heads_copied
 
 swift = pytest.importorskip("swift", reason="ms-swift is not installed in this environment (scripts/setup_env.sh swift)")
 import torch  # noqa: E402
@@ -212,31 +213,14 @@ def test_lora_export_has_no_heads_and_loads(llava, tmp_path):
 
 def test_resume_restores_heads(qwen, tmp_path, in_process):
     """Resumed from checkpoint-2, training starts from the heads saved there, and goes on saving them."""
-    import shutil
-
-    from transformers import TrainerCallback
-
     save = dict(save_strategy="steps", save_steps=2)
-    full = tmp_path / "a"
+    full, b = tmp_path / "a", tmp_path / "b"
     in_process(sft_args(qwen, full, **save), "--regularizer pre")
-    saved = load_file(full / "checkpoint-2" / "vlm_preserve_heads.safetensors")
-    later = load_file(full / "checkpoint-4" / "vlm_preserve_heads.safetensors")
-    assert saved and any(not torch.equal(saved[k], later[k]) for k in saved)
-    b = tmp_path / "b"
-    b.mkdir()
-    shutil.copytree(full / "checkpoint-2", b / "checkpoint-2")
-    seen = {}
-
-    class AtStart(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kw):
-            heads = next(m for m in model.modules() if hasattr(m, "vlm_preserve_heads")).vlm_preserve_heads
-            seen.update({k: v.detach().clone() for k, v in heads.state_dict().items()})
-
+    saved = saved_heads_copied(full, b)
+    callback, seen = heads_at_start()
     in_process(sft_args(qwen, b, resume_from_checkpoint=b / "checkpoint-2", **save), "--regularizer pre",
-               callbacks=[AtStart()])
-    assert seen and {k if k.startswith("pre.") else f"pre.{k}" for k in seen} == set(saved)
-    assert all(torch.equal(seen[k if k in seen else k[len("pre."):]], v) for k, v in saved.items())
-    assert (b / "checkpoint-4" / "vlm_preserve_heads.safetensors").exists()
+               callbacks=[callback])
+    assert_resumed_from(seen, saved, b)
 
 
 def test_refusals(qwen, tmp_path):
