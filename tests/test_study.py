@@ -1,14 +1,21 @@
 """The study pipeline (plugin/vlm_preserve/study) on a tiny configuration: scorers on planted examples, data
-loading from a planted bigbench tarball and the real easy-vqa/EfficientNet packages, and every stage end to end
+from the real pinned packages (easy-vqa, EfficientNet-Lite0, chitchat-dataset, gensim's prose, chatterbot-corpus)
+and the optional bigbench tarball (planted), caches that rebuild when cut off or stale, and every stage end to end
 (projector pretraining, methods through attach(), merge, evaluation, results store, resume, report)."""
+import hashlib
 import io
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 
 import pytest
 
-pytest.importorskip("easy_vqa", reason="the study's data packages are installed in the transformers environment only")
+pytest.importorskip("chitchat_dataset", reason="the study's data packages are installed in the study environment only")
 torch = pytest.importorskip("torch")
 
 from vlm_preserve.study import data as D  # noqa: E402
@@ -87,14 +94,8 @@ def _planted_tarball(path, tasks: dict):
             t.addfile(info, io.BytesIO(raw))
 
 
-def _lang_tasks(n):
-    """The two text sources of the loss-based metrics, planted: n conversations and n English documents."""
-    words = " ".join(["a", "long", "enough", "reply", "with", "words"] * 3)
-    chat = {"examples": [{"input": f'agent_A: "hello {i}" agent_B: "hi, how are you {i}?"', "target": f'"{words} {i}"'}
-                         for i in range(n)]}
-    doc = "The history of the town is long and the people of the valley are proud of it.\n" * 6
-    text = {"examples": [{"input": f"Document {i}. " + doc, "target": "0 1"} for i in range(n)]}
-    return {D.CHAT_TASK: chat, D.TEXT_TASK: text}
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _task(n, k=3):
@@ -108,14 +109,16 @@ def test_parse_task_and_load_from_tarball(tmp_path):
                          {"input": "generative", "target": "x"}]                  # not multiple choice: dropped
     qs = D.parse_task("t", task)
     assert [q.answer for q in qs] == [0, 1, 2, 0] and qs[1].choices == ["opt0", "opt1", "opt2"]
-    _planted_tarball(tmp_path / "bigbench-1.0.0.tar.gz", {"t": task, "u": _task(2, 2)})
-    got = D.load_tasks(tmp_path, ["t", "u"])
+    tar = tmp_path / "bigbench-1.0.0.tar.gz"
+    _planted_tarball(tar, {"t": task, "u": _task(2, 2)})
+    got = D.load_tasks(tmp_path, ["t", "u"], tar, sha256=_sha(tar))
     assert len(got["t"]) == 4 and len(got["u"]) == 2 and (tmp_path / "bigbench_tasks.json").exists()
-    (tmp_path / "bigbench-1.0.0.tar.gz").unlink()          # the cache serves the second call
-    assert D.load_tasks(tmp_path, ["u"])["u"][1].answer == 1
-    _planted_tarball(tmp_path / "bigbench-1.0.0.tar.gz", {"t": task})
+    with pytest.raises(ValueError, match="is not bigbench 1.0.0's"):       # another file than the pinned release
+        D.load_tasks(tmp_path, ["t"], tar)
+    with pytest.raises(ValueError, match="no such file"):
+        D.load_tasks(tmp_path, ["t"], tmp_path / "absent.tar.gz")
     with pytest.raises(ValueError, match="not found"):
-        D.load_tasks(tmp_path, ["nope"])
+        D.load_tasks(tmp_path, ["nope"], tar, sha256=_sha(tar))
     assert D.subsample(list(range(100)), 10) == D.subsample(list(range(100)), 10) and len(D.subsample([1, 2], 5)) == 2
 
 
@@ -149,20 +152,15 @@ def test_sample_collator_and_image_embedding():
 
 
 # ---- the pipeline end to end --------------------------------------------------------------------------------
-TASKS = {"report": ("r1", "r2"), "validation": ("v1",), "instruction": ("i1",), "perplexity": ("p1",)}
-
-
 @pytest.fixture
 def tiny_study(tmp_path):
     from vlm_preserve.study.run import StudyConfig
-    _planted_tarball(tmp_path / "bigbench-1.0.0.tar.gz",
-                     {**{n: _task(6) for ns in TASKS.values() for n in ns}, **_lang_tasks(8)})
 
     def make(**kw):
         base = dict(out=str(tmp_path / "out"), data_dir=str(tmp_path), tiny=True, seeds=(0,), train_images=6,
-                    test_images=3, vqa_test_questions=6, stage1_steps=2, steps=2, batch=2, report_cap=4,
-                    validation_cap=3, ppl_texts=4, instruction_samples=6, save_steps=100, merge_alphas=(0.5,),
-                    lora_rank=2, tasks=TASKS, language_validation=3, language_report=4, text_tokens=24,
+                    test_images=3, vqa_test_questions=6, stage1_steps=2, steps=2, batch=2,
+                    instruction_samples=6, save_steps=100, merge_alphas=(0.5,),
+                    lora_rank=2, language_validation=3, language_report=4, text_tokens=24,
                     vqa_validation_questions=4)
         return StudyConfig(**{**base, **kw})
     return make
@@ -177,13 +175,13 @@ def test_pipeline_end_to_end_and_resume(tiny_study):
     out = cfg.out
     rec = json.loads(open(f"{out}/runs/rdd_rbf_s0.json").read())
     assert rec["method"] == "rdd_rbf" and rec["seed"] == 0 and rec["wall_s"] >= 0
-    assert len(rec["items"]["language"]) == 8 and len(rec["items"]["validation"]) == 3
+    assert "language" not in rec["items"]                            # multiple choice only with a bigbench tarball
     assert len(rec["items"]["chat"]) == 4 and len(rec["items"]["text"]) == 4
     assert all(math.isfinite(r["nll"]) and 0 <= r["p_end1"] <= 1 for r in rec["items"]["chat"])
     assert {"chat_nll", "chat_p_end1", "text_nll"} <= set(rec["summary"]) and "cpu_gflops" in rec
     assert len(rec["items"]["vqa"]) == rec["summary"]["vqa_n"] and 0 <= rec["summary"]["vqa_acc"] <= 1
-    assert set(rec["summary"]) >= {"language_acc", "language_logp", "perplexity", "validation_acc", "vqa_acc",
-                                   "vqa_yes_no_acc", "vqa_other_acc"}
+    assert set(rec["summary"]) >= {"vqa_acc", "vqa_yes_no_acc", "vqa_other_acc"}
+    assert rec["sources"]["chat"] == "chitchat-dataset==0.9.0" and rec["sources"]["text_wiki"] == "gensim==4.4.0"
     assert any("rdd_loss" in r for r in rec["train_log"])               # the plugin's term reached the Trainer log
     assert any("distill_loss" in r for r in json.loads(open(f"{out}/runs/distill_s0.json").read())["train_log"])
     assert "vqa" not in json.loads(open(f"{out}/runs/base.json").read())["items"]
@@ -192,7 +190,7 @@ def test_pipeline_end_to_end_and_resume(tiny_study):
     table = rows(load_runs(f"{out}/runs"))
     assert [r["method"] for r in table][:3] == ["base", "full", "lora"]
     base = table[0]
-    assert base["retention"][0] == 1.0 and base["dlogp"] == (0.0, 0.0, 0.0)
+    assert base["d_chat"] == (0.0, 0.0, 0.0) and base["d_text"] == (0.0, 0.0, 0.0)
     md = markdown(table)
     assert md.count("\n") == len(table) + 2 and "| merge_a0.5 | 0 |" in md
 
@@ -206,9 +204,10 @@ def test_merge_rows_recomputed_from_saved_full_model(tiny_study):
     for a in ("0.0", "1.0"):
         (Study(cfg).path(f"merge_a{a}_s0")).unlink()
     assert Study(cfg).run() == ["merge_a0.0_s0", "merge_a1.0_s0"]
-    load = lambda r: json.loads(Study(cfg).path(r).read_text())["items"]["language"]  # noqa: E731
-    assert [r["logp"] for r in load("merge_a1.0_s0")] == pytest.approx([r["logp"] for r in load("base")], abs=1e-4)
-    assert [r["logp"] for r in load("merge_a0.0_s0")] == pytest.approx([r["logp"] for r in load("full_s0")], abs=1e-4)
+    load = lambda r: [x["nll"] for x in json.loads(Study(cfg).path(r).read_text())["items"]["chat"]]  # noqa: E731
+    assert load("merge_a1.0_s0") == pytest.approx(load("base"), abs=1e-4)
+    assert load("merge_a0.0_s0") == pytest.approx(load("full_s0"), abs=1e-4)
+    assert load("full_s0") != pytest.approx(load("base"), abs=1e-4)
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tiny_study, monkeypatch):
@@ -253,26 +252,39 @@ def test_bad_config_is_refused(tiny_study):
         tiny_study(methods=("full", "bogus")).validate()
     with pytest.raises(ValueError, match="merge is computed from the full run"):
         tiny_study(methods=("merge",)).validate()
-    with pytest.raises(ValueError, match="two roles"):
-        tiny_study(tasks={**TASKS, "validation": ("r1",)}).validate()
+    with pytest.raises(ValueError, match="no such file"):
+        tiny_study(bigbench_tarball="/nonexistent/bigbench-1.0.0.tar.gz").validate()
+
+
+def test_bigbench_multiple_choice_when_a_tarball_is_given(tiny_study, tmp_path, monkeypatch):
+    """The optional input: with --bigbench-tarball the report and validation tasks are scored as multiple choice."""
+    from vlm_preserve.study.report import load_runs, rows
+    from vlm_preserve.study.run import Study
+    tar = tmp_path / "bb.tar.gz"
+    _planted_tarball(tar, {n: _task(5) for n in D.REPORT_TASKS + D.VALIDATION_TASKS})
+    monkeypatch.setattr(D, "BIGBENCH_SHA256", _sha(tar))
+    cfg = tiny_study(methods=("full",), bigbench_tarball=str(tar), report_cap=2, validation_cap=1)
+    Study(cfg).run()
+    rec = json.loads(Study(cfg).path("full_s0").read_text())
+    assert len(rec["items"]["language"]) == 2 * len(D.REPORT_TASKS)
+    assert len(rec["items"]["validation"]) == len(D.VALIDATION_TASKS) and "language_acc" in rec["summary"]
+    assert rows(load_runs(cfg.out + "/runs"))[0]["retention"][0] == 1.0
 
 
 def test_study_command_runs_and_reports(tmp_path):
     """`vlm-preserve study` end to end on the tiny model: flags parsed into StudyConfig, runs stored, --report
     writes the markdown table and the plot."""
     from vlm_preserve.cli import main
-    names = D.REPORT_TASKS + D.VALIDATION_TASKS + D.INSTRUCTION_TASKS + D.PERPLEXITY_TASKS
-    _planted_tarball(tmp_path / "bigbench-1.0.0.tar.gz", {**{n: _task(3) for n in names}, **_lang_tasks(6)})
     out = tmp_path / "out"
     common = ["study", "--out", str(out), "--data-dir", str(tmp_path), "--tiny", "--methods", "full,rdd_linear",
               "--seeds", "0", "--train-images", "4", "--test-images", "2", "--vqa-test-questions", "3",
-              "--stage1-steps", "1", "--steps", "1", "--batch", "2", "--report-cap", "1", "--ppl-texts", "2",
+              "--stage1-steps", "1", "--steps", "1", "--batch", "2",
               "--instruction-samples", "2", "--no-bf16", "--language-validation", "2", "--language-report", "3",
               "--text-tokens", "16"]
     assert main(common) == 0
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["base.json", "full_s0.json", "rdd_linear_s0.json"]
     rec = json.loads((out / "runs" / "full_s0.json").read_text())
-    assert rec["config"]["bf16"] is False and rec["config"]["steps"] == 1 and rec["summary"]["language_n"] == 8
+    assert rec["config"]["bf16"] is False and rec["config"]["steps"] == 1 and rec["summary"]["chat_n"] == 3
     assert main(common + ["--report", str(tmp_path / "table.md")]) == 0
     md = (tmp_path / "table.md").read_text()
     assert "| rdd_linear | 0 |" in md and (tmp_path / "table.png").stat().st_size > 0
@@ -344,20 +356,52 @@ def test_chat_metric_sees_a_model_that_closes_its_turn_early():
     assert all(e["p_end1"] > b["p_end1"] for e, b in zip(early, base))
 
 
-def test_chat_and_text_items_from_bigbench_examples():
-    chat = D.chat_items([
-        {"input": 'agent_A: "hi there"', "target": '"too short"'},
-        {"input": 'agent_A: "hi there" agent_B: "hello, how are you doing today?" agent_A: "fine, and you?"',
-         "target": '"' + " ".join(["word"] * 16) + '"'},
-        {"input": 'agent_A: "hi there" agent_B: "other"', "target": '"' + " ".join(["w"] * 20) + '"'},  # same talk
-        {"input": 'agent_B: "a" agent_A: "b" agent_B: "c" agent_A: "d"', "target": " ".join(["x"] * 15)}])
-    assert len(chat) == 2
-    assert chat[0]["turns"] == [["user", "hi there"], ["assistant", "hello, how are you doing today?"],
-                                ["user", "fine, and you?"]] and chat[0]["reply"] == " ".join(["word"] * 16)
-    assert [r for r, _ in chat[1]["turns"]] == ["user", "assistant", "user"] and chat[1]["turns"][-1][1] == "d"
-    en = "The cat sat on the mat.\nIt was a sunny day in the town of the river and the hill.\n" * 5
-    docs = D.english_documents([{"input": en}, {"input": "Der Hund und die Katze.\n" * 30}])
-    assert len(docs) == 1 and "\n" not in docs[0] and docs[0].startswith("The cat sat on the mat. It was")
+def _msg(sender, text):
+    return {"sender": sender, "text": text, "timestamp": "t"}
+
+
+def test_chat_text_and_instruction_items_from_their_packages_formats(tmp_path):
+    long = " ".join(["word"] * 16)
+    convs = {"b": {"messages": [[_msg("x", "hi there")], [_msg("y", "hello,"), _msg("y", "how are you?")],
+                                [_msg("x", "fine, and you?")], [_msg("y", long)], [_msg("x", long + " again")]]},
+             "a": {"messages": [[_msg("x", "only one sender"), _msg("x", long)]]},            # no reply: dropped
+             "c": {"messages": [[_msg("x", long)], [_msg("y", "short")], [_msg("x", " ".join(["z"] * 100))]]}}
+    chat = D.chat_items(convs)
+    assert len(chat) == 2                                 # one reply per conversation, ids in sorted order
+    assert chat[0]["turns"] == [["user", "hi there"], ["assistant", "hello, how are you?"], ["user", "fine, and you?"]]
+    assert chat[0]["reply"] == long                       # the first long turn after the opening one
+    assert [r for r, _ in chat[1]["turns"]] == ["user"] and len(chat[1]["reply"].split()) == D.CHAT_MAX_WORDS
+    news = tmp_path / "lee.cor"
+    news.write_text(" ".join(["news"] * 90) + "\nshort line\n")
+    assert D.news_documents(news) == [" ".join(["news"] * 90)]
+    import bz2
+    para = "The [[river|River Town]] is '''old''' and{{cite|x}} proud<ref>a source</ref>. " + " ".join(["w"] * 85)
+    dump = ("<mediawiki><page><title>T</title><ns>0</ns><text>== Heading ==\n" + para + "\n* a list item " +
+            " ".join(["l"] * 90) + "\n[[Category:Towns]]\n</text></page><page><title>R</title><ns>0</ns><text>#REDIRECT"
+            " [[T]]</text></page><page><title>Talk:T</title><ns>1</ns><text>" + para + "</text></page></mediawiki>")
+    (tmp_path / "wiki.bz2").write_bytes(bz2.compress(dump.encode()))
+    assert D.wiki_paragraphs(tmp_path / "wiki.bz2") == ["The River Town is old and proud. " + " ".join(["w"] * 85)]
+    (tmp_path / "cb").mkdir()
+    (tmp_path / "cb" / "x.yml").write_text("categories: [x]\nconversations:\n- - what is a cat\n  - an animal.\n"
+                                           "- - lonely line\n")
+    assert D.instruction_items(tmp_path / "cb") == [{"question": "what is a cat", "answer": "an animal."}]
+
+
+def test_the_real_language_sets_are_disjoint_and_sized(tmp_path):
+    """From the installed packages: 300 validation and 600 report items of each metric, 2,026 instruction pairs;
+    the evaluation sets share no text with each other or with the instructions."""
+    sets = D.language_sets(tmp_path, 300, 600)
+    assert len(sets["chat"]["validation"]) == len(sets["text"]["validation"]) == 300
+    assert len(sets["chat"]["report"]) == len(sets["text"]["report"]) == 600 and len(sets["instructions"]) == 2026
+    for part in ("chat", "text"):
+        val, rep = (set(map(json.dumps, sets[part][k])) for k in ("validation", "report"))
+        assert len(val) == 300 and len(rep) == 600 and not val & rep
+    replies = {it["reply"] for k in ("validation", "report") for it in sets["chat"][k]}
+    assert not replies & {q["answer"] for q in sets["instructions"]}
+    assert all(len(t.split()) >= D.TEXT_MIN_WORDS for k in ("validation", "report") for t in sets["text"][k])
+
+
+def test_split_items_is_fixed_and_disjoint():
     split = D.split_items(list(range(50)), 10, 30)
     assert len(split["validation"]) == 10 and len(split["report"]) == 30
     assert not set(split["validation"]) & set(split["report"])
@@ -457,10 +501,8 @@ def test_batched_scoring_equals_one_prompt_at_a_time():
 
 def test_demo_prints_degradation_recovery_and_time_left(tmp_path, capsys):
     from vlm_preserve.cli.demo import demo
-    names = D.REPORT_TASKS + D.VALIDATION_TASKS + D.INSTRUCTION_TASKS + D.PERPLEXITY_TASKS
-    _planted_tarball(tmp_path / "bigbench-1.0.0.tar.gz", {**{n: _task(3) for n in names}, **_lang_tasks(8)})
     assert demo(str(tmp_path / "out"), data_dir=str(tmp_path), tiny=True, train_images=6, test_images=3,
-                vqa_test_questions=4, stage1_steps=1, steps=2, batch=2, report_cap=1, ppl_texts=2,
+                vqa_test_questions=4, stage1_steps=1, steps=2, batch=2,
                 language_validation=2, language_report=4, text_tokens=16, vqa_validation_questions=2,
                 instruction_samples=2, bf16=False) == 0
     out = capsys.readouterr().out
@@ -468,7 +510,7 @@ def test_demo_prints_degradation_recovery_and_time_left(tmp_path, capsys):
                   "eval:distill_s0 (7/7)"):
         assert f"[demo] {phase}" in out and "min left" in out
     table = out.split("[demo] language against the base LLM")[1]
-    assert "4 chat replies, 4 Wikipedia texts" in table
+    assert "4 chat replies, 4 prose documents" in table
     rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
     assert set(rows) >= {"base", "full", "merge_a0.5", "distill"}
     assert "%" in rows["distill"].split(" | ")[2] and "%" in rows["merge_a0.5"].split(" | ")[2]   # recovery

