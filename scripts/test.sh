@@ -3,9 +3,10 @@
 #   bash scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-envs=(llava transformers llamafactory swift)
-# Framework environments (on PyPI, always run): their test file runs there only, and in full.
-frameworks=(--ignore=tests/test_llamafactory.py --ignore=tests/test_swift.py)
+envs=(llava transformers study llamafactory swift)
+# Framework environments (on PyPI, always run) and the study's (the demo's own environment, its real pretrained
+# parts and data): their test file runs there only, and in full.
+frameworks=(--ignore=tests/test_llamafactory.py --ignore=tests/test_swift.py --ignore=tests/test_study.py)
 # Upstreams that are not on PyPI run only where a checkout is given (never committed here; .ci/run extracts the
 # snapshots, scripts/fetch_upstreams.sh clones them). Without one their tests are collected in the llava environment
 # and skipped with the reason; with one they run in their own environment only, where a skip fails the run.
@@ -31,7 +32,9 @@ for env in "${envs[@]}"; do
   echo "[test] environment $env"
   path="$PWD/plugin:$PWD/tests"
   tests=(${elsewhere[@]+"${elsewhere[@]}"} "${frameworks[@]}")
-  if [ "$env" = llamafactory ] || [ "$env" = swift ]; then
+  if [ "$env" = study ]; then
+    tests=(tests/test_study.py)
+  elif [ "$env" = llamafactory ] || [ "$env" = swift ]; then
     path="$path:$PWD/third_party/cpu_shims"
     tests=("tests/test_$env.py")
   elif [ "$env" = bunny ]; then
@@ -43,5 +46,13 @@ for env in "${envs[@]}"; do
   fi
   # pytest exits 5 when it collects nothing: with `set -e` that fails the run, as it must.
   VLM_PRESERVE_TEST_ENV="$env" PYTHONPATH="$path" ".venv/$env/bin/python" -m pytest -p no:cacheprovider --durations=10 "${tests[@]+"${tests[@]}"}" "$@"
+  if [ "$env" = study ]; then
+    # The demo's real path, nothing cached: every pinned source installed by name, loaded and checked, every cache
+    # built, two tuning steps, a handful of items scored, the table printed. A vanished source fails here.
+    smoke="$(mktemp -d)"
+    echo "[test] smoke of the demo's real path: .venv/study/bin/vlm-preserve demo --smoke --out $smoke"
+    ".venv/study/bin/vlm-preserve" demo --smoke --out "$smoke"
+    rm -rf "$smoke"
+  fi
 done
 echo "[test] all environments passed: ${envs[*]}"

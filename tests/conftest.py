@@ -60,10 +60,11 @@ def step_rows(output_dir) -> list[dict]:
     return [r for r in log_history(output_dir) if "loss" in r]
 
 
-# In the bunny, nvila, llamafactory and swift environments the upstream's own test file must run in full: a skip
-# there means CI silently stopped checking that upstream, so it fails the session.
+# In the bunny, nvila, llamafactory, swift and study environments the environment's own test file must run in full:
+# a skip there means CI silently stopped checking that upstream (or the study's real sources), so it fails the session.
 _STRICT = {"bunny": "tests/test_bunny.py", "nvila": "tests/test_nvila.py",
-           "llamafactory": "tests/test_llamafactory.py", "swift": "tests/test_swift.py"}.get(os.environ.get("VLM_PRESERVE_TEST_ENV", ""))
+           "llamafactory": "tests/test_llamafactory.py", "swift": "tests/test_swift.py",
+           "study": "tests/test_study.py"}.get(os.environ.get("VLM_PRESERVE_TEST_ENV", ""))
 _strict_skips: list[str] = []
 
 

@@ -549,3 +549,89 @@ def test_table_recovery_compares_with_the_full_runs_of_the_same_seeds():
             "lora": [rec("lora", 0, (1.5, 1.5))]}
     lora = next(r for r in rows(runs) if r["method"] == "lora")
     assert lora["rec_chat"][0] == pytest.approx(0.5)   # against full seed 0 (2.0), not the seeds' mean (3.0)
+
+
+# ---- sources by package name, and caches that cannot lie ------------------------------------------------------
+def test_a_missing_or_changed_source_stops_with_one_line_naming_package_version_and_command(tiny_study, monkeypatch):
+    from vlm_preserve.study import sources as S
+    from vlm_preserve.study.run import Study
+    real = S.SOURCES["chat"]
+    monkeypatch.setitem(S.SOURCES, "chat", S.Source("chitchat-dataset-gone", "0.9.0", "chitchat_dataset_gone",
+                                                    "dataset.json", real.sha256, "MIT"))
+    with pytest.raises(SystemExit) as e:
+        Study(tiny_study(methods=("full",)))
+    msg = str(e.value)
+    assert "\n" not in msg and "chitchat-dataset-gone==0.9.0" in msg and "is not installed" in msg
+    assert "pip install chitchat-dataset-gone==0.9.0" in msg and "scripts/setup_env.sh study" in msg
+    monkeypatch.setitem(S.SOURCES, "chat", S.Source(real.package, "0.8.0", real.module, real.relpath, real.sha256,
+                                                    real.licence))
+    with pytest.raises(S.SourceError, match=r"version 0\.9\.0 is installed, the study is pinned to 0\.8\.0"):
+        S.path("chat")
+    monkeypatch.setitem(S.SOURCES, "chat", S.Source(real.package, real.version, real.module, real.relpath, "0" * 64,
+                                                    real.licence))
+    with pytest.raises(S.SourceError, match="its content changed; reinstall it with pip install "
+                                            r"chitchat-dataset==0\.9\.0 --force-reinstall"):
+        S.path("chat")
+
+
+def test_the_missing_package_message_from_the_command_line(tmp_path):
+    """The same line from `vlm-preserve demo` in a process where one source's package cannot be found."""
+    hide = ("import importlib.util as u; f = u.find_spec; "
+            "u.find_spec = lambda n, *a, **k: None if n == 'chitchat_dataset' else f(n, *a, **k); "
+            "from vlm_preserve.cli import main; raise SystemExit(main())")
+    r = subprocess.run([sys.executable, "-c", hide, "demo", "--tiny", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "chitchat-dataset==0.9.0 (chat source) is not installed: pip install chitchat-dataset==0.9.0" in last
+    assert not (tmp_path / "o" / "runs" / "base.json").exists()
+
+
+_KILLED_BUILD = """
+import sys, time
+from pathlib import Path
+from vlm_preserve.study.cache import cached
+def build(tmp):
+    with open(tmp, "wb") as f:
+        f.write(b"half of it")
+        f.flush()
+        print("writing", flush=True)
+        time.sleep(60)
+        f.write(b" and the rest")
+cached(Path(sys.argv[1]), {"source": "abc"}, build)
+"""
+
+
+def test_a_cache_build_killed_midway_is_rebuilt_and_never_trusted(tmp_path):
+    from vlm_preserve.study.cache import cached, problem
+    target = tmp_path / "c" / "set.json"
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_BUILD, str(target)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert child.stdout.readline().strip() == "writing"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=30)
+    assert not target.exists() and list(target.parent.glob("set.json.tmp-*"))   # only the temporary file is left
+    built = []
+    p = cached(target, {"source": "abc"}, lambda tmp: (built.append(1), tmp.write_text("[1, 2]")))
+    assert built and json.loads(p.read_text()) == [1, 2] and not list(target.parent.glob("*.tmp-*"))
+    assert problem(target, {"source": "abc"}) is None
+    assert cached(target, {"source": "abc"}, lambda tmp: built.append(2)) == target and built == [1]   # trusted
+
+
+def test_truncated_stale_or_unmanifested_caches_are_rebuilt_with_a_line(tmp_path, capsys):
+    from vlm_preserve.study.cache import cached
+    items, feats = D.cached_features(tmp_path, "test", 2)
+    cache = tmp_path / "easyvqa_test_2_s0.pt"
+    data = cache.read_bytes()
+    cache.write_bytes(data[: len(data) // 2])                        # truncated (a disk filled, a copy cut off)
+    capsys.readouterr()
+    _, again = D.cached_features(tmp_path, "test", 2)
+    assert "does not match its manifest's sha256 (truncated" in capsys.readouterr().out
+    assert torch.equal(again, feats) and cache.read_bytes() == data
+    target = tmp_path / "x.json"
+    cached(target, {"source": "v1"}, lambda tmp: tmp.write_text("1"))
+    cached(target, {"source": "v2"}, lambda tmp: tmp.write_text("2"))   # its source changed: stale
+    assert "was built from other inputs (source)" in capsys.readouterr().out and target.read_text() == "2"
+    (tmp_path / "x.json.manifest").unlink()                            # e.g. killed between the two renames
+    cached(target, {"source": "v2"}, lambda tmp: tmp.write_text("3"))
+    assert "has no manifest" in capsys.readouterr().out and target.read_text() == "3"
