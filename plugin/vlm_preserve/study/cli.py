@@ -26,6 +26,10 @@ def add_arguments(p) -> None:
                                                           "learning rates and steps, validation items only) instead "
                                                           "of the table; resumes.")
     p.add_argument("--sweep-dir", metavar="DIR", help="Where the sweep's jsons are (default <out>/sweep).")
+    p.add_argument("--sweep-lrs", default="", help="With --sweep: comma-separated learning rates (default "
+                                                   "study/sweep.py's LRS).")
+    p.add_argument("--sweep-steps", default="", help="With --sweep: comma-separated steps to evaluate at; the run "
+                                                     "is a cosine schedule over the largest (default STEPS).")
     p.add_argument("--sweep-report", metavar="MD", help="Only write the sweep's table from its jsons into this "
                                                          "markdown file and print the chosen setting.")
     p.add_argument("--report", metavar="MD", help="Only write the table of the finished runs to this markdown "
@@ -65,7 +69,10 @@ def run(args) -> int:
     from .run import Study
     if args.sweep:
         from . import sweep
-        done = sweep.run(Study(cfg), Path(args.sweep_dir or Path(cfg.out) / "sweep"), seed=cfg.seeds[0])
+        lrs = tuple(float(x) for x in args.sweep_lrs.split(",") if x) or sweep.LRS
+        steps = tuple(int(x) for x in args.sweep_steps.split(",") if x) or sweep.STEPS
+        done = sweep.run(Study(cfg), Path(args.sweep_dir or Path(cfg.out) / "sweep"), lrs=lrs, steps=steps,
+                         seed=cfg.seeds[0])
         print(f"[sweep] finished now: {', '.join(done) or 'nothing (all stored)'}")
         return 0
     done = Study(cfg).run()

@@ -108,8 +108,22 @@ def summarize(base: dict, recs: list[dict]) -> list[dict]:
                "degraded": chat[1] > 0, "plateaued": vqa >= best_vqa[r["lr"]] - PLATEAU,
                "diverged": not losses or not all(math.isfinite(x) for x in losses) or losses[-1] >= losses[0]}
         row["admitted"] = row["degraded"] and row["plateaued"] and not row["diverged"]
+        for part in ("chat", "text"):
+            d = [x["nll"] - y["nll"] for x, y in zip(it[part], b[part])]
+            row[f"sd_{part}"] = _sd(d)
+            row[f"n_{part}"] = _items_for(row[f"sd_{part}"], row[f"d_{part}_nll"][0])
         rows.append(row)
     return rows
+
+
+def _sd(xs: list[float]) -> float:
+    m = sum(xs) / len(xs)
+    return (sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1)) ** 0.5
+
+
+def _items_for(sd: float, delta: float) -> int:
+    """Items for a 95% CI half-width of a quarter of `delta` (paired, per-item sd `sd`): (1.96·sd / (Δ/4))²."""
+    return math.ceil((1.96 * sd / (abs(delta) / 4)) ** 2) if delta else 0
 
 
 def choose(rows: list[dict]) -> dict | None:
@@ -119,7 +133,8 @@ def choose(rows: list[dict]) -> dict | None:
 
 def markdown(rows: list[dict], chosen: dict | None) -> str:
     out = ["| lr | step | Δ chat NLL (95% CI) | Δ text NLL (95% CI) | p(end after 1st token) | easy-vqa (val) | "
-           "train loss | degraded | plateaued | diverged |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "train loss | degraded | plateaued | diverged | per-item sd of Δ (chat / text) | items for ±Δ/4 "
+           "(chat / text) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c, t = r["d_chat_nll"], r["d_text_nll"]
         mark = " **chosen**" if chosen is r else ""
@@ -127,7 +142,8 @@ def markdown(rows: list[dict], chosen: dict | None) -> str:
                    f"{t[0]:+.3f} [{t[1]:+.3f}, {t[2]:+.3f}] | {r['p_end1']:.3g} (base {r['base_p_end1']:.2g}) | "
                    f"{r['vqa_acc']:.3f} (stage 1: {r['base_vqa_acc']:.3f}) | {r['train_loss']:.3f} | "
                    f"{'yes' if r['degraded'] else 'no'} | {'yes' if r['plateaued'] else 'no'} | "
-                   f"{'yes' if r['diverged'] else 'no'} |")
+                   f"{'yes' if r['diverged'] else 'no'} | {r['sd_chat']:.3f} / {r['sd_text']:.3f} | "
+                   f"{r['n_chat']} / {r['n_text']} |")
     return "\n".join(out) + "\n"
 
 
