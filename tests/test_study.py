@@ -635,3 +635,14 @@ def test_truncated_stale_or_unmanifested_caches_are_rebuilt_with_a_line(tmp_path
     (tmp_path / "x.json.manifest").unlink()                            # e.g. killed between the two renames
     cached(target, {"source": "v2"}, lambda tmp: tmp.write_text("3"))
     assert "has no manifest" in capsys.readouterr().out and target.read_text() == "3"
+
+
+def test_nothing_in_the_package_downloads_a_file():
+    """Every input comes from a package installed by name (study/sources.py): no URL fetch anywhere in plugin/."""
+    import pathlib
+    import re
+    root = pathlib.Path(D.__file__).resolve().parents[1]
+    pattern = re.compile(r"urlopen|urlretrieve|requests\.get|urllib\.request|httpx\.get|wget")
+    hits = [f"{p}:{i}" for p in root.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
+            if pattern.search(line)]
+    assert len(list(root.rglob("*.py"))) > 30 and hits == []
