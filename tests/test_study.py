@@ -479,6 +479,12 @@ def test_sweep_rule_picks_the_smallest_admitted_setting(tmp_path):
     assert by[(3e-4, 25)]["diverged"] and not by[(3e-4, 25)]["admitted"]
     chosen = sweep.choose(rows)
     assert (chosen["lr"], chosen["step"]) == (1e-4, 50)
+    assert sweep.choose_strong(rows) is None                              # no admitted setting lost >= 1 nat
+    rec(1e-3, 100, 1.2, 0.8, [2.0, 1.0])      # admitted and >= STRONG: the strong regime
+    rec(3e-4, 100, 1.1, 0.9, [2.0, 1.0])      # also, with a smaller drift (3e-2)
+    rows = sweep.summarize(*sweep.load(d))
+    strong = sweep.choose_strong(rows)
+    assert (strong["lr"], strong["step"]) == (3e-4, 100) and sweep.choose(rows)["lr"] == 1e-4
     md = tmp_path / "s.md"
     assert sweep.report(d, md) == chosen and "50 **chosen**" in md.read_text()
 

@@ -13,6 +13,11 @@ excluding zero, easy-vqa has plateaued, and training has not diverged"):
 - plateaued: validation easy-vqa accuracy at that step is within PLATEAU of the best over that run's steps;
 - not diverged: every logged training loss is finite and the last one logged is below the first;
 - smallest: the least lr × steps (the drift), then the smaller lr.
+
+The strong regime (`choose_strong`; written 2026-12-05, before any run on the new data was evaluated): the same rule
+with "degraded" sharpened to a validation chat-reply NLL rise of at least STRONG nats (point estimate; its CI's
+lower end above 0 as well) — where forgetting is large enough that a method's recovery is measured against a clear
+loss, not against noise.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from .evaluate import mean, paired_bootstrap
 LRS = (1e-4, 3e-4, 1e-3)
 STEPS = (25, 50, 100, 150)
 PLATEAU = 0.03
+STRONG = 1.0
 
 
 def _name(lr: float, step: int) -> str:
@@ -131,13 +137,18 @@ def choose(rows: list[dict]) -> dict | None:
     return min(ok, key=lambda r: (r["drift"], r["lr"])) if ok else None
 
 
-def markdown(rows: list[dict], chosen: dict | None) -> str:
+def choose_strong(rows: list[dict]) -> dict | None:
+    ok = [r for r in rows if r["admitted"] and r["d_chat_nll"][0] >= STRONG]
+    return min(ok, key=lambda r: (r["drift"], r["lr"])) if ok else None
+
+
+def markdown(rows: list[dict], chosen: dict | None, strong: dict | None = None) -> str:
     out = ["| lr | step | Δ chat NLL (95% CI) | Δ text NLL (95% CI) | p(end after 1st token) | easy-vqa (val) | "
            "train loss | degraded | plateaued | diverged | per-item sd of Δ (chat / text) | items for ±Δ/4 "
            "(chat / text) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c, t = r["d_chat_nll"], r["d_text_nll"]
-        mark = " **chosen**" if chosen is r else ""
+        mark = (" **chosen**" if chosen is r else "") + (" **strong**" if strong is r else "")
         out.append(f"| {r['lr']:g} | {r['step']}{mark} | {c[0]:+.3f} [{c[1]:+.3f}, {c[2]:+.3f}] | "
                    f"{t[0]:+.3f} [{t[1]:+.3f}, {t[2]:+.3f}] | {r['p_end1']:.3g} (base {r['base_p_end1']:.2g}) | "
                    f"{r['vqa_acc']:.3f} (stage 1: {r['base_vqa_acc']:.3f}) | {r['train_loss']:.3f} | "
@@ -152,6 +163,8 @@ def report(d: Path, md: Path) -> dict | None:
     chosen row."""
     from .report import fill
     rows = summarize(*load(d))
-    chosen = choose(rows)
-    fill(md, "sweep", markdown(rows, chosen))
+    chosen, strong = choose(rows), choose_strong(rows)
+    fill(md, "sweep", markdown(rows, chosen, strong))
+    print("[sweep] strong regime: " + (f"lr {strong['lr']:g}, {strong['step']} steps" if strong else
+                                       f"none (no admitted setting lost >= {STRONG:g} nat of chat-reply NLL)"))
     return chosen
