@@ -109,3 +109,78 @@ def test_upstream_llava_extract_and_merge(upstream_llava, tiny_llava, tmp_path):
     n = e_b.shape[0]
     assert torch.equal(e_m[n:], e_v[n:]) and e_m.shape[0] == n + 2
     assert torch.equal(e_m[:n], e_v[:n] + (e_b - e_v[:n]) * 0.5)
+
+
+_SLOW_WRITES = ("import sys, time\n"
+                "from vlm_preserve.offline import writing as c\n"
+                "orig = c.ShardWriter.write\n"
+                "def write(self, *a):\n"
+                "    orig(self, *a); self.file.flush(); print('WRITING', flush=True); time.sleep(0.5)\n"
+                "c.ShardWriter.write = write\n"
+                "from vlm_preserve.cli import main\n"
+                "main(sys.argv[1:])\n")
+
+
+def _digest(folder):
+    import hashlib
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_extract_killed_midway_leaves_no_output_and_a_rerun_succeeds(base, tmp_path):
+    """SIGKILL while a shard is being written: `--out` never appears half-written; the next run removes the partial
+    folder and succeeds."""
+    import signal
+    import subprocess
+    import sys
+    vlm, out = build_vlm("native-old", tmp_path / "vlm", base), tmp_path / "llm"
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_WRITES, "extract-llm", str(vlm), "--out", str(out)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "WRITING"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    partial = list(tmp_path.glob(".llm.partial-*"))
+    assert not out.exists() and len(partial) == 1 and any(f.stat().st_size for f in partial[0].rglob("*"))
+    assert main(["extract-llm", str(vlm), "--out", str(out)]) == 0
+    assert (out / "config.json").exists() and not list(tmp_path.glob(".llm.partial-*"))
+
+
+_LIMITED = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so the write fails with EFBIG instead of killing us\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))\n"
+            "from vlm_preserve.cli import main\n"
+            "sys.exit(main(sys.argv[2:]))\n")
+
+
+@pytest.mark.parametrize("tool", ["extract-llm", "merge"])
+def test_no_space_gives_one_line_with_the_path_and_the_space_and_leaves_nothing(base, tmp_path, tool):
+    """A file-size limit (ulimit -f) stands in for a full disk: the tool fails with one line naming the output and
+    the space it needs; no output, no partial folder, the inputs byte for byte as before."""
+    import subprocess
+    import sys
+    vlm, out = build_vlm("native-old", tmp_path / "vlm", base), tmp_path / "out"
+    before = (_digest(vlm), _digest(base))
+    args = (["extract-llm", str(vlm)] if tool == "extract-llm" else
+            ["merge", "--vlm", str(vlm), "--base-llm", str(base), "--alpha", "0.5", "--no-progress"])
+    r = subprocess.run([sys.executable, "-c", _LIMITED, "20000", *args, "--out", str(out)], capture_output=True,
+                       text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert lines[-1].startswith(f"vlm-preserve {tool}: could not write ") and str(out) in lines[-1]
+    assert "a file-size limit (ulimit -f) refused the write; the output needs about " in lines[-1]
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+    assert (_digest(vlm), _digest(base)) == before
+
+
+def test_not_enough_free_space_is_refused_before_writing(base, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    vlm = build_vlm("native-old", tmp_path / "vlm", base)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9 - 1000, 1000))
+    from vlm_preserve.config import ConfigError
+    from vlm_preserve.offline.extract import extract_llm
+    with pytest.raises(ConfigError, match=r"not enough space for .*llm: the output needs about [\d.]+ MiB, 0\.0 MiB "
+                                          "are free on its disk. Free space or choose another --out; nothing was "
+                                          "written."):
+        extract_llm(str(vlm), str(tmp_path / "llm"))
+    assert not (tmp_path / "llm").exists() and not list(tmp_path.glob(".llm.partial-*"))

@@ -17,7 +17,7 @@ import time
 # of the time (per base-LLM evaluation: language NLL 55 s, bigbench 24 s, perplexity 6 s, easy-vqa ~50 s), so each
 # count was cut by about a quarter to a half; with these counts the fresh-clone run took 14 min 47 s (README).
 DEMO = dict(methods=("full", "merge", "distill"), seeds=(0,), steps=30, test_images=80, vqa_test_questions=80,
-            language_report=120, merge_alphas=(0.5,), save_steps=10 ** 6)
+            language_report=100, merge_alphas=(0.5,), save_steps=10 ** 6)
 # --smoke: the same phases on a handful of items, so the test command walks every real source and cache
 SMOKE = dict(DEMO, train_images=8, test_images=4, vqa_test_questions=6, stage1_steps=2, steps=2, batch=2,
              language_validation=4, language_report=6, vqa_validation_questions=4, instruction_samples=8)

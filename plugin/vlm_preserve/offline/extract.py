@@ -54,7 +54,7 @@ def llm_config(v: Checkpoint, has_lm_head: bool) -> dict:
 
 def extract_llm(vlm: str, out: str) -> Path:
     v = Checkpoint(vlm)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, need=sum(f.stat().st_size for f in v.path.rglob("*") if f.is_file())) as tmp:
         if v.layout == "nvila":  # already a plain CausalLM folder
             shutil.rmtree(tmp)
             shutil.copytree(v.path / "llm", tmp)

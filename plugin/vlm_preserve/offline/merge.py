@@ -173,7 +173,9 @@ def merge(vlm: str, base_llm: str, alphas, out: str, *, density: float = 1.0, sp
     stats = {"merged_tensors": 0, "copied_tensors": 0, "kept_vlm_rows": {}}
     io = _Streams(v, b, max((max(pc.vlm_bytes, pc.base_bytes) for pc in written_pieces), default=0), len(alphas),
                   hasher)
-    with atomic_dir(out) as tmp, io, _one_thread():
+    # every output is about the VLM's size (its files, merged or copied)
+    need = len(subdirs) * sum(f.stat().st_size for f in v.path.rglob("*") if f.is_file())
+    with atomic_dir(out, need=need) as tmp, io, _one_thread():
         roots = [tmp / s for s in subdirs]
         for root in roots:
             _copy_tree_except_weights(v, root, copied_parts)

@@ -8,6 +8,7 @@ an output folder that appears only once complete, and the sha256 of the inputs f
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -84,10 +85,20 @@ def write_index(folder: Path, files: dict[str, list[str]], total_size: int) -> N
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+_NO_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+             errno.EFBIG: "a file-size limit (ulimit -f) refused the write"}
+
+
+def _size(n: int) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike):
+def atomic_dir(out: str | os.PathLike, need: int = 0):
     """Yield a temporary folder beside `out`; rename it to `out` only if the block completes. A killed run
-    leaves `.NAME.partial-PID` (never `out`), which the next run to the same `out` removes."""
+    leaves `.NAME.partial-PID` (never `out`), which the next run to the same `out` removes. `need`: about how many
+    bytes the output takes; less free space than that, or running out of it while writing, is a ConfigError that
+    names the path and the space (the partial folder removed, nothing else touched)."""
     out = Path(out).absolute()
     if out.exists():
         raise ConfigError(f"--out {out} already exists: remove it or choose another folder (outputs are never "
@@ -96,11 +107,21 @@ def atomic_dir(out: str | os.PathLike):
     for stale in out.parent.glob(f".{out.name}.partial-*"):
         if not _alive(stale.name.rsplit("-", 1)[1]):
             shutil.rmtree(stale, ignore_errors=True)
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise ConfigError(f"not enough space for {out}: the output needs about {_size(need)}, {_size(free)} are free "
+                          f"on its disk. Free space or choose another --out; nothing was written.")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     tmp.mkdir()
     try:
         yield tmp
         os.rename(tmp, out)
+    except OSError as e:
+        if e.errno not in _NO_SPACE:
+            raise
+        raise ConfigError(f"could not write {e.filename or out}: {_NO_SPACE[e.errno]}; the output needs about "
+                          f"{_size(need)} ({_size(shutil.disk_usage(out.parent).free)} free on its disk). Free space "
+                          f"or choose another --out; nothing was left at {out} and the inputs are untouched.") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -49,6 +49,8 @@ def _write(path: Path, rec: dict) -> None:
 def run(study, out: Path, lrs=LRS, steps=STEPS, seed: int = 0) -> list[str]:
     """Every (lr, step) not yet in `out`; returns those done now."""
     from transformers import TrainerCallback
+
+    from .run import cpu_gflops
     out.mkdir(parents=True, exist_ok=True)
     done = []
     if not (out / "base.json").exists():
@@ -59,7 +61,8 @@ def run(study, out: Path, lrs=LRS, steps=STEPS, seed: int = 0) -> list[str]:
         vlm.projector.load_state_dict(torch.load(study.stage1(seed)))
         t0 = time.time()
         items = study.validation_eval(vlm)   # step 0: the LLM is still the base LLM (stage 1 froze it)
-        _write(out / "base.json", {"lr": 0, "step": 0, "items": items, "eval_s": round(time.time() - t0, 1)})
+        _write(out / "base.json", {"lr": 0, "step": 0, "items": items, "eval_s": round(time.time() - t0, 1),
+                                   "cpu_gflops": cpu_gflops()})
         done.append("base")
     for lr in lrs:
         todo = [s for s in steps if not (out / f"{_name(lr, s)}.json").exists()]
@@ -76,7 +79,7 @@ def run(study, out: Path, lrs=LRS, steps=STEPS, seed: int = 0) -> list[str]:
                 log = [r for r in state.log_history if "loss" in r]
                 _write(out / f"{_name(lr, state.global_step)}.json",
                        {"lr": lr, "step": state.global_step, "max_steps": max(steps), "seed": seed, "items": items,
-                        "train_log": log, "eval_s": round(time.time() - t0, 1)})
+                        "train_log": log, "eval_s": round(time.time() - t0, 1), "cpu_gflops": cpu_gflops()})
                 done.append(_name(lr, state.global_step))
                 print(f"[sweep] lr {lr:g} step {state.global_step}: stored ({time.time() - t0:.0f} s to evaluate)",
                       flush=True)
