@@ -652,3 +652,79 @@ def test_nothing_in_the_package_downloads_a_file():
     hits = [f"{p}:{i}" for p in root.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
             if pattern.search(line)]
     assert len(list(root.rglob("*.py"))) > 30 and hits == []
+
+
+def test_selection_rule_best_admitted_recovery_tie_to_default_none_admitted_keeps_default(tmp_path):
+    from vlm_preserve.study import select
+    d = tmp_path / "select"
+    d.mkdir()
+    n = 20
+    base = [1.0 + 0.01 * i for i in range(n)]
+
+    def rec(method, setting, chat, text, vqa):
+        items = {"chat": [{"nll": b + chat, "p_end1": 0.1} for b in base], "text": [{"nll": b + text} for b in base],
+                 "vqa": [{"acc": float(i < vqa * n)} for i in range(n)]}
+        name = "base" if method == "base" else select.tag(method, setting)
+        (d / f"{name}.json").write_text(json.dumps({"method": method, "setting": setting, "items": items}))
+    rec("base", {}, 0.0, 0.0, 0.3)
+    rec("full", {}, 1.0, 0.2, 0.70)
+    rec("rdd_rbf", {"rdd_weight": 1.0}, 0.5, 0.1, 0.70)       # score 50%
+    rec("rdd_rbf", {"rdd_weight": 0.1}, 0.9, 0.2, 0.70)       # 5%
+    rec("rdd_rbf", {"rdd_weight": 10.0}, 0.0, 0.0, 0.60)      # 100%, but easy-vqa 0.10 below Full-Tuning's
+    rec("pre", {"pre_weight": 0.5}, 0.5, 0.1, 0.70)           # 50%
+    rec("pre", {"pre_weight": 5.0}, 0.6, 0.0, 0.70)           # (40% + 100%) / 2 = 70%: chosen
+    rec("mix", {"mix_fraction": 0.2}, 0.5, 0.1, 0.70)         # 50%
+    rec("mix", {"mix_fraction": 0.5}, 0.5, 0.1, 0.70)         # a tie: the default stays
+    rec("lora", {"lora_rank": 16}, 0.2, 0.0, 0.50)            # none admitted: the default, marked not admitted
+    rec("lora", {"lora_rank": 64}, 0.1, 0.0, 0.40)
+    chosen = select.choose(select.summarize(*select.load(d)))
+    assert {m: r["setting"] for m, r in chosen.items()} == {
+        "rdd_rbf": {"rdd_weight": 1.0}, "pre": {"pre_weight": 5.0}, "mix": {"mix_fraction": 0.2},
+        "lora": {"lora_rank": 16}}
+    assert chosen["pre"]["score"] == pytest.approx(0.7) and not chosen["lora"]["admitted"]
+    md = tmp_path / "r.md"
+    assert select.report(d, md, "strong") == select.chosen_settings(d)
+    page = md.read_text()
+    assert "pre_weight=5 **chosen**" in page and "| rdd_rbf | rdd_weight=10 | " in page and "| no |" in page
+    before = page
+    select.report(d, md, "strong")
+    assert md.read_text() == before                                          # regenerated: the same bytes
+
+
+def test_a_run_stopped_early_is_the_longer_schedules_checkpoint(tiny_study):
+    """The mild regime is 30 steps of a 100-step cosine: a run stopped at step k has the weights the longer run had
+    at step k (same batches, same learning rates), and the sweep measured exactly that."""
+    from transformers import TrainerCallback
+
+    from vlm_preserve.study.run import Study
+    study = Study(tiny_study(methods=("full",)))
+    seen = {}
+
+    class Keep(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 2:
+                seen.update({k: v.detach().clone() for k, v in model.llm.state_dict().items()})
+    study.stage2("full", 0, steps=4, lr=1e-3, schedule=4, callbacks=[Keep()], run="long")
+    short, history, _ = study.stage2("full", 0, steps=2, lr=1e-3, schedule=4, run="short")
+    assert seen and max(x["step"] for x in history if "loss" in x) == 2
+    assert all(torch.equal(seen[k], v) for k, v in short.llm.state_dict().items())
+    with pytest.raises(ValueError, match="schedule"):
+        tiny_study(steps=5, schedule_steps=4).validate()
+
+
+def test_the_studys_default_regime_is_the_mild_one_the_pilot_chose():
+    from vlm_preserve.study.run import StudyConfig
+    from vlm_preserve.study.sweep import REGIMES
+    c = StudyConfig(out="x")
+    assert {k: getattr(c, k) for k in REGIMES["mild"]} == REGIMES["mild"]
+
+
+def test_a_setting_reaches_the_regularizer_or_the_study_and_a_bad_one_is_refused():
+    from vlm_preserve.regularizers import PReConfig, RDDConfig
+    from vlm_preserve.study.run import split_setting
+    configs, study = split_setting({"rdd_weight": 0.1, "pre_layer": "7", "mix_fraction": 0.5})
+    assert sorted(type(c).__name__ for c in configs) == ["PReConfig", "RDDConfig"] and study == {"mix_fraction": 0.5}
+    assert next(c for c in configs if isinstance(c, RDDConfig)).rdd_weight == 0.1
+    assert next(c for c in configs if isinstance(c, PReConfig)).pre_layer == "7"
+    with pytest.raises(ValueError, match="rdd_wieght"):
+        split_setting({"rdd_wieght": 1.0})

@@ -22,6 +22,9 @@ def add_arguments(p) -> None:
             p.add_argument(flag, default=",".join(map(str, default)), help=f"comma-separated (default {default})")
         else:
             p.add_argument(flag, type=type(default), default=default)
+    p.add_argument("--regime", choices=("mild", "strong"), help="The regime's learning rate, steps and schedule "
+                                                                 "(study/sweep.py's REGIMES) in place of --lr, "
+                                                                 "--steps and --schedule-steps.")
     p.add_argument("--sweep", action="store_true", help="Run the regime sweep (Full-Tuning over study/sweep.py's "
                                                           "learning rates and steps, validation items only) instead "
                                                           "of the table; resumes.")
@@ -32,6 +35,14 @@ def add_arguments(p) -> None:
                                                      "is a cosine schedule over the largest (default STEPS).")
     p.add_argument("--sweep-report", metavar="MD", help="Only write the sweep's table from its jsons into this "
                                                          "markdown file and print the chosen setting.")
+    p.add_argument("--select", action="store_true", help="Run the selection sweep (study/select.py's GRID, each "
+                                                           "setting on validation items at --regime) instead of the "
+                                                           "table; resumes.")
+    p.add_argument("--select-dir", metavar="DIR", help="Where the selection jsons are (default <out>/select/<regime>).")
+    p.add_argument("--select-methods", default="", help="With --select: comma-separated methods (default: all of "
+                                                        "GRID, in its plan's order).")
+    p.add_argument("--select-report", metavar="MD", help="Only write the selection table of --select-dir for "
+                                                          "--regime into this markdown file.")
     p.add_argument("--report", metavar="MD", help="Only write the table of the finished runs to this markdown "
                                                    "file (and a plot beside it); train nothing.")
 
@@ -46,6 +57,9 @@ def config(args) -> StudyConfig:
             cast = float if f.name == "merge_alphas" else (int if f.name == "seeds" else str)
             v = tuple(cast(x) for x in str(v).split(",") if x)
         kw[f.name] = v
+    if getattr(args, "regime", None):
+        from .sweep import REGIMES
+        kw.update(REGIMES[args.regime])
     return StudyConfig(**kw)
 
 
@@ -61,6 +75,21 @@ def run(args) -> int:
         chosen = report(Path(args.sweep_dir or Path(cfg.out) / "sweep"), Path(args.sweep_report))
         print(f"[sweep] wrote {args.sweep_report}; chosen: " +
               (f"lr {chosen['lr']:g}, {chosen['step']} steps" if chosen else "none (no setting meets the rule)"))
+        return 0
+    if args.select or args.select_report:
+        if not args.regime:
+            raise SystemExit("vlm-preserve study: --select and --select-report need --regime mild or strong")
+        from . import select
+        d = Path(args.select_dir or Path(cfg.out) / "select" / args.regime)
+        if args.select_report:
+            chosen = select.report(d, Path(args.select_report), args.regime)
+            print(f"[select] wrote {args.select_report}; chosen: " + "; ".join(f"{m} {s or 'default'}"
+                                                                             for m, s in chosen.items()))
+            return 0
+        from .run import Study
+        methods = [m for m in args.select_methods.split(",") if m] or None
+        done = select.run(Study(cfg), d, args.regime, methods=methods, seed=cfg.seeds[0])
+        print(f"[select] finished now: {', '.join(done) or 'nothing (all stored)'}")
         return 0
     if args.report:
         png = write(Path(cfg.runs_dir or Path(cfg.out) / "runs"), Path(args.report))

@@ -21,8 +21,9 @@ from . import data as D
 from .evaluate import chat_pairs, mc_eval, mean, reply_nll, text_pairs, vqa_eval
 from .format import Collator, sample
 
-# method -> how its stage 2 differs from Full-Tuning. `regularizer`/configs go to attach(); `data`: "vqa" or
-# "mix" (text-only instructions replace `mix_fraction` of the samples: same total volume); merge rows are
+# method -> how its stage 2 differs from Full-Tuning. `regularizer` goes to attach(); `set`: the method's fixed
+# settings (fields of a regularizer's config or of StudyConfig, as a setting of the selection sweep is); `data`:
+# "vqa" or "mix" (text-only instructions replace `mix_fraction` of the samples: same total volume); merge rows are
 # computed from the full run.
 METHODS = {
     "full": {},
@@ -30,12 +31,12 @@ METHODS = {
     "lora": {"lora": True},
     "soft_label": {"regularizer": "soft_label"},
     "mix": {"data": "mix"},
-    "rdd_rbf": {"regularizer": "rdd", "rdd": {"rdd_kernel": "rbf"}},
-    "rdd_linear": {"regularizer": "rdd", "rdd": {"rdd_kernel": "linear"}},
-    "rdd_l2": {"regularizer": "rdd", "rdd": {"rdd_kernel": "l2"}},
+    "rdd_rbf": {"regularizer": "rdd", "set": {"rdd_kernel": "rbf"}},
+    "rdd_linear": {"regularizer": "rdd", "set": {"rdd_kernel": "linear"}},
+    "rdd_l2": {"regularizer": "rdd", "set": {"rdd_kernel": "l2"}},
     "pre": {"regularizer": "pre"},
     "distill": {"regularizer": "distill", "data": "mix"},
-    "rdd_pre": {"regularizer": "rdd,pre", "rdd": {"rdd_kernel": "rbf"}},
+    "rdd_pre": {"regularizer": "rdd,pre", "set": {"rdd_kernel": "rbf"}},
 }
 
 
@@ -46,19 +47,22 @@ class StudyConfig:
                                         # docs/results/runs, committed, so a fresh clone resumes)
     data_dir: str = ""                  # caches (features, SmolLM2 folder, language sets); default <out>/data
     bigbench_tarball: str = ""          # optional: bigbench-1.0.0.tar.gz, for the multiple-choice columns
+    select_dir: str = ""                # the selection sweep's jsons (study/select.py): each method runs at the
+                                        # setting its rule chose there; empty: every method at its default
     tiny: bool = False                  # tiny random Llama + byte tokenizer (tests, smoke runs)
     methods: tuple = ("full", "attention_tuning", "lora", "soft_label", "mix", "merge", "rdd_rbf", "rdd_linear",
                       "rdd_l2", "pre", "distill", "rdd_pre")
     seeds: tuple = (0, 1, 2)
-    # The regime, frozen from the sweep on validation items (docs/results.md §1, study/sweep.py's rule) before any
-    # report number: the smallest setting where Full-Tuning's chat-reply NLL rose with a CI excluding zero,
-    # easy-vqa had plateaued and training had not diverged: lr 1e-4, 100 steps, 400 training images.
+    # The regime: the mild one (study/sweep.py's REGIMES, chosen by its rule on validation items before any report
+    # number; `--regime strong` gives the other). `steps` are trained of a cosine schedule `schedule_steps` long
+    # (0: as long as `steps`): the pilot measured the mild regime as a checkpoint of a 100-step run.
     train_images: int = 400             # 0 = all 4,000
     test_images: int = 200
     vqa_test_questions: int = 300
     stage1_steps: int = 20
     stage1_lr: float = 1e-3
-    steps: int = 100
+    steps: int = 30
+    schedule_steps: int = 100
     lr: float = 1e-4
     batch: int = 8
     mix_fraction: float = 0.2
@@ -84,6 +88,9 @@ class StudyConfig:
             raise ValueError("merge is computed from the full run: add full to the methods")
         if not 0 <= self.mix_fraction < 1 or self.steps <= 0 or self.batch <= 0:
             raise ValueError("need 0 <= mix_fraction < 1, steps > 0, batch > 0")
+        if self.schedule_steps and self.schedule_steps < self.steps:
+            raise ValueError(f"--schedule-steps {self.schedule_steps} is shorter than --steps {self.steps}: the "
+                             "cosine schedule must cover the steps trained (0: as long as --steps)")
         if self.bigbench_tarball and not Path(self.bigbench_tarball).is_file():
             raise ValueError(f"--bigbench-tarball {self.bigbench_tarball}: no such file")
 
@@ -216,12 +223,13 @@ class Study:
                       "val_vqa": D.subsample(val_vqa, c.vqa_validation_questions), "val_vqa_f": val_f}
         return self._data
 
-    def train_rows(self, kind: str, seed: int, image_token_id: int, total: int) -> list[dict]:
+    def train_rows(self, kind: str, seed: int, image_token_id: int, total: int, mix_fraction=None) -> list[dict]:
         """`total` samples (= steps × batch): easy-vqa questions, or with `mix` a share of text-only instructions
         (chatterbot-corpus question–answer pairs)."""
         from .model import IMAGE_TOKENS
         d, rng = self.data(), random.Random(seed)
-        n_text = round(total * self.cfg.mix_fraction) if kind == "mix" else 0
+        fraction = self.cfg.mix_fraction if mix_fraction is None else mix_fraction
+        n_text = round(total * fraction) if kind == "mix" else 0
         vqa = [d["train"][rng.randrange(len(d["train"]))] for _ in range(total - n_text)]
         rows = [sample(d["tok"], it.question, it.answer, it.image, image_token_id, IMAGE_TOKENS) for it in vqa]
         for _ in range(n_text):
@@ -231,18 +239,26 @@ class Study:
         return rows
 
     # ---- training ----------------------------------------------------------------------------------------
-    def trainer(self, model, rows, run_dir: Path, steps: int, lr: float, seed: int):
-        from transformers import Trainer, TrainingArguments
+    def trainer(self, model, rows, run_dir: Path, steps: int, lr: float, seed: int, schedule: int = 0):
+        """A Trainer over `steps` steps of a cosine schedule `schedule` steps long (0: `steps`)."""
+        from transformers import Trainer, TrainerCallback, TrainingArguments
+        schedule = schedule or steps
         args = TrainingArguments(
-            output_dir=str(run_dir), max_steps=steps, per_device_train_batch_size=self.cfg.batch,
-            learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 30), weight_decay=0.0,
+            output_dir=str(run_dir), max_steps=schedule, per_device_train_batch_size=self.cfg.batch,
+            learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, schedule // 30), weight_decay=0.0,
             logging_steps=max(1, min(10, steps // 5)), save_steps=self.cfg.save_steps, save_total_limit=1,
             report_to=[], remove_unused_columns=False, seed=seed, data_seed=seed, dataloader_num_workers=0,
             # bf16 autocast only on a GPU: on this project's CPUs (no native bf16) a SmolLM2 step took 140-220 s
             # under bf16 autocast against 8-10 s in fp32
             bf16=self.cfg.bf16 and self.device == "cuda", use_cpu=self.device == "cpu", disable_tqdm=False)
-        return Trainer(model=model, args=args, train_dataset=rows,
-                       data_collator=Collator(self.data()["train_f"], self.data()["tok"].pad_token_id))
+        tr = Trainer(model=model, args=args, train_dataset=rows,
+                     data_collator=Collator(self.data()["train_f"], self.data()["tok"].pad_token_id))
+        if steps < schedule:
+            class Stop(TrainerCallback):
+                def on_step_end(self, args, state, control, **kw):
+                    control.should_training_stop = control.should_training_stop or state.global_step >= steps
+            tr.add_callback(Stop())
+        return tr
 
     def stage1(self, seed: int) -> Path:
         """Projector pretraining (LLM frozen), once per seed."""
@@ -264,13 +280,17 @@ class Study:
         shutil.rmtree(tr.args.output_dir, ignore_errors=True)
         return path
 
-    def stage2(self, method: str, seed: int, steps: int = 0, lr: float = 0.0, callbacks=(), run: str = ""):
-        """Instruction tuning with `method` (steps/lr: the config's unless given; `callbacks` see the Trainer);
-        returns (the trained VLM, Trainer log history, wall seconds)."""
+    def stage2(self, method: str, seed: int, steps: int = 0, lr: float = 0.0, callbacks=(), run: str = "",
+               schedule: int = 0, setting: dict | None = None):
+        """Instruction tuning with `method` (steps/lr/schedule: the config's unless given; `setting`: fields of a
+        regularizer config or of StudyConfig over the method's own; `callbacks` see the Trainer); returns (the
+        trained VLM, Trainer log history, wall seconds)."""
         from .. import attach
-        from ..regularizers import RDDConfig
         from .model import adapter, build_vlm
-        spec, c = METHODS[method], self.cfg
+        spec = METHODS[method]
+        setting = {**spec.get("set", {}), **(setting or {})}
+        configs, study_fields = split_setting(setting)
+        c = dataclasses.replace(self.cfg, **study_fields)
         llm = self.load_llm()
         vlm = build_vlm(llm, self.image_token_id(llm), seed=seed)
         vlm.projector.load_state_dict(torch.load(self.stage1(seed)))
@@ -281,15 +301,19 @@ class Study:
                                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                          "gate_proj", "up_proj", "down_proj"]))
             prefix = "llm.base_model.model"
+        if steps:
+            schedule = schedule or steps
         steps, lr = steps or c.steps, lr or c.lr
-        rows = self.train_rows(spec.get("data", "vqa"), seed, vlm.config.image_token_id, steps * c.batch)
+        schedule = schedule or c.schedule_steps or steps
+        # rows for the whole schedule, so a run stopped early saw the same batches as the longer run it stands for
+        rows = self.train_rows(spec.get("data", "vqa"), seed, vlm.config.image_token_id, schedule * c.batch,
+                               c.mix_fraction)
         run_dir = self.out / "ckpt" / (run or f"{method}_s{seed}")
-        tr = self.trainer(vlm, rows, run_dir, steps, lr, seed)
+        tr = self.trainer(vlm, rows, run_dir, steps, lr, seed, schedule)
         for cb in callbacks:
             tr.add_callback(cb)
         handle = None
         if spec.get("regularizer"):
-            configs = [RDDConfig(**spec["rdd"])] if "rdd" in spec else []
             teacher = self.load_llm() if spec["regularizer"] == "distill" else None
             handle = attach(tr, spec["regularizer"], *configs, adapter=adapter(vlm, prefix), teacher=teacher)
         self.progress(f"train:{run_dir.name}")
@@ -344,7 +368,8 @@ class Study:
         return self.runs_dir / f"{run}.json"
 
     def write(self, run: str, method: str, seed, result: dict, wall: float, history=None) -> dict:
-        rec = {"run": run, "method": method, "seed": seed, "wall_s": round(wall, 1),
+        rec = {"run": run, "method": method, "seed": seed, "setting": self.settings().get(method, {}),
+               "wall_s": round(wall, 1),
                "config": dataclasses.asdict(self.cfg), "sources": _sources(self.cfg),
                "device": torch.cuda.get_device_name() if self.device == "cuda" else f"cpu ({os.cpu_count()} cores)",
                "cpu_gflops": cpu_gflops(), "torch_threads": torch.get_num_threads(),
@@ -377,7 +402,7 @@ class Study:
                         self._check_same_history(run, history)
                         self._save_full(vlm, run)
                 else:
-                    vlm, history, wall = self.stage2(method, seed)
+                    vlm, history, wall = self.stage2(method, seed, setting=self.settings().get(method))
                     self.progress(f"eval:{run}")
                     t0 = time.time()
                     res = self.evaluate(vlm.llm, vlm, label=run)
@@ -389,6 +414,13 @@ class Study:
                 if method == "full" and "merge" in self.cfg.methods:
                     done += self.merges(vlm, seed)
         return done
+
+    def settings(self) -> dict:
+        """{method: setting} chosen by the selection sweep in `select_dir` ({} without one)."""
+        if not self.cfg.select_dir:
+            return {}
+        from .select import chosen_settings
+        return chosen_settings(Path(self.cfg.select_dir))
 
     def _merge_missing(self, seed: int) -> bool:
         return "merge" in self.cfg.methods and any(not self.path(f"merge_a{a}_s{seed}").exists()
@@ -445,6 +477,23 @@ class Study:
             done.append(run)
         vlm.llm.load_state_dict(tuned)
         return done
+
+
+def split_setting(setting: dict) -> tuple[list, dict]:
+    """A setting's fields as (regularizer config objects, StudyConfig fields); an unknown field is an error."""
+    from ..api import config_classes
+    from ..config import PreserveArguments
+    study = {f.name for f in dataclasses.fields(StudyConfig)}
+    configs, left = [], dict(setting)
+    for cls in config_classes():
+        names = {f.name for f in dataclasses.fields(cls)}
+        mine = {k: left.pop(k) for k in list(left) if k in names}
+        if mine and cls is not PreserveArguments:
+            configs.append(cls(**mine))
+    bad = sorted(k for k in left if k not in study)
+    if bad:
+        raise ValueError(f"setting fields {bad} are neither a regularizer's option nor a study field")
+    return configs, left
 
 
 def summarize(res: dict) -> dict:

@@ -34,6 +34,10 @@ LRS = (1e-4, 3e-4, 1e-3)
 STEPS = (25, 50, 100, 150)
 PLATEAU = 0.03
 STRONG = 1.0
+# What the rules chose on the pilot (docs/results-pilot.md, validation items, seed 0), frozen before any method ran:
+# `steps` trained of a cosine schedule `schedule_steps` long. StudyConfig's defaults are the mild one.
+REGIMES = {"mild": {"lr": 1e-4, "steps": 30, "schedule_steps": 100},
+           "strong": {"lr": 3e-4, "steps": 100, "schedule_steps": 100}}
 
 
 def _name(lr: float, step: int) -> str:
@@ -83,7 +87,8 @@ def run(study, out: Path, lrs=LRS, steps=STEPS, seed: int = 0) -> list[str]:
                 done.append(_name(lr, state.global_step))
                 print(f"[sweep] lr {lr:g} step {state.global_step}: stored ({time.time() - t0:.0f} s to evaluate)",
                       flush=True)
-        study.stage2("full", seed, steps=max(steps), lr=lr, callbacks=[Probe()], run=f"sweep_lr{lr:g}")
+        study.stage2("full", seed, steps=max(steps), lr=lr, schedule=max(steps), callbacks=[Probe()],
+                     run=f"sweep_lr{lr:g}")
         shutil.rmtree(study.out / "ckpt" / f"sweep_lr{lr:g}", ignore_errors=True)
     return done
 
