@@ -298,7 +298,7 @@ def test_idle_cores_counts_a_busy_core():
     import threading
     import time as _time
 
-    from vlm_preserve.study.run import idle_cores
+    from vlm_preserve.study.machine import idle_cores
     n = os.cpu_count() or 1
     assert 0 <= idle_cores(0.2) <= n
     stop = _time.time() + 1.0

@@ -55,7 +55,8 @@ class Progress:
 
 def demo(out: str, data_dir: str = "", tiny: bool = False, smoke: bool = False, **overrides) -> int:
     from ..study.report import load_runs, rows
-    from ..study.run import Study, StudyConfig, cpu_gflops
+    from ..study.machine import cpu_gflops
+    from ..study.run import Study, StudyConfig
     t0 = time.time()
     cfg = StudyConfig(out=out, data_dir=data_dir, tiny=tiny, **{**(SMOKE if smoke else DEMO), **overrides})
     study = Study(cfg)

@@ -38,7 +38,6 @@ def add_arguments(p) -> None:
     p.add_argument("--select", action="store_true", help="Run the selection sweep (study/select.py's GRID, each "
                                                            "setting on validation items at --regime) instead of the "
                                                            "table; resumes.")
-    p.add_argument("--select-dir", metavar="DIR", help="Where the selection jsons are (default <out>/select/<regime>).")
     p.add_argument("--select-methods", default="", help="With --select: comma-separated methods (default: all of "
                                                         "GRID, in its plan's order).")
     p.add_argument("--select-report", metavar="MD", help="Only write the selection table of --select-dir for "
@@ -80,7 +79,7 @@ def run(args) -> int:
         if not args.regime:
             raise SystemExit("vlm-preserve study: --select and --select-report need --regime mild or strong")
         from . import select
-        d = Path(args.select_dir or Path(cfg.out) / "select" / args.regime)
+        d = Path(cfg.select_dir or Path(cfg.out) / "select" / args.regime)
         if args.select_report:
             chosen = select.report(d, Path(args.select_report), args.regime)
             print(f"[select] wrote {args.select_report}; chosen: " + "; ".join(f"{m} {s or 'default'}"

@@ -20,6 +20,7 @@ import torch
 from . import data as D
 from .evaluate import chat_pairs, mc_eval, mean, reply_nll, text_pairs, vqa_eval
 from .format import Collator, sample
+from .machine import cpu_gflops, idle_cores
 
 # method -> how its stage 2 differs from Full-Tuning. `regularizer` goes to attach(); `set`: the method's fixed
 # settings (fields of a regularizer's config or of StudyConfig, as a setting of the selection sweep is); `data`:
@@ -47,8 +48,9 @@ class StudyConfig:
                                         # docs/results/runs, committed, so a fresh clone resumes)
     data_dir: str = ""                  # caches (features, SmolLM2 folder, language sets); default <out>/data
     bigbench_tarball: str = ""          # optional: bigbench-1.0.0.tar.gz, for the multiple-choice columns
-    select_dir: str = ""                # the selection sweep's jsons (study/select.py): each method runs at the
-                                        # setting its rule chose there; empty: every method at its default
+    select_dir: str = ""                # the selection sweep's jsons (study/select.py; --select writes them there,
+                                        # default <out>/select/<regime>): the table runs each method at the setting
+                                        # its rule chose; empty: every method at its default
     tiny: bool = False                  # tiny random Llama + byte tokenizer (tests, smoke runs)
     methods: tuple = ("full", "attention_tuning", "lora", "soft_label", "mix", "merge", "rdd_rbf", "rdd_linear",
                       "rdd_l2", "pre", "distill", "rdd_pre")
@@ -115,44 +117,6 @@ def check_packages(cfg: StudyConfig) -> None:
     if missing:
         raise SystemExit("vlm-preserve study/demo needs: " + ", ".join(missing) + ". Install them with "
                          "`bash scripts/setup_env.sh study` (third_party/study/requirements.txt), or pip install each.")
-
-
-def idle_cores(window: float = 0.5) -> int:
-    """Cores idle now: from two /proc/stat samples `window` s apart where there is one, else from the load average
-    (which lags by about a minute: just after the demo's pip install it still counts a busy core on an idle machine,
-    and the demo then ran on half the CPU)."""
-    def sample():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]  # total, idle + iowait
-    n = os.cpu_count() or 1
-    try:
-        t0, i0 = sample()
-        time.sleep(window)
-        t1, i1 = sample()
-        return round(n * (i1 - i0) / max(1, t1 - t0))
-    except (OSError, ValueError, IndexError):
-        return n - int(os.getloadavg()[0] + 0.5)
-
-
-_GFLOPS: list = []
-
-
-def cpu_gflops() -> float:
-    """fp32 GEMM rate (1024³, this process's torch threads), measured once per process: machines here differ
-    several-fold, so every recorded timing carries the speed of the machine it ran on."""
-    if not _GFLOPS:
-        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-        a @ b
-        best, start = 0.0, time.perf_counter()
-        # The best of ~1 s of rounds: a single short round read half the idle rate right after a pip install.
-        while time.perf_counter() - start < 1.0:
-            t0 = time.perf_counter()
-            for _ in range(5):
-                a @ b
-            best = max(best, 5 * 2 * 1024 ** 3 / (time.perf_counter() - t0) / 1e9)
-        _GFLOPS.append(round(best, 1))
-    return _GFLOPS[0]
 
 
 class Study:

@@ -64,7 +64,7 @@ def _write(path: Path, rec: dict) -> None:
 def run(study, out: Path, regime: str, methods=None, seed: int = 0) -> list[str]:
     """Every setting of `plan(methods)` not yet in `out`; returns those done now."""
     from .model import build_vlm
-    from .run import cpu_gflops
+    from .machine import cpu_gflops
     from .sweep import REGIMES
     import torch
     out.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,7 @@ def run(study, out: Path, lrs=LRS, steps=STEPS, seed: int = 0) -> list[str]:
     """Every (lr, step) not yet in `out`; returns those done now."""
     from transformers import TrainerCallback
 
-    from .run import cpu_gflops
+    from .machine import cpu_gflops
     out.mkdir(parents=True, exist_ok=True)
     done = []
     if not (out / "base.json").exists():
