@@ -182,7 +182,7 @@ def test_launch_script_flags_are_all_known(reg, lora):
     import transformers
     from bunny.train import train as upstream
 
-    from vlm_preserve.cli.bunny_train import SPEC
+    from vlm_preserve.frameworks.bunny import SPEC
     from vlm_preserve.cli.launch import _parser
     root = Path(__file__).resolve().parents[1]
     p = subprocess.run(["bash", root / "scripts" / "bunny" / "finetune.sh", reg], capture_output=True, text=True,

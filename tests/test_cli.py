@@ -94,8 +94,8 @@ def test_check_upstream_fails_clearly_on_a_doctored_checkout(tmp_path):
 def test_readme_flag_table_matches_the_config_definitions():
     import dataclasses
 
-    from vlm_preserve.cli.llava_train import LlavaLaunchArguments
-    from vlm_preserve.cli.nvila_train import NVILALaunchArguments
+    from vlm_preserve.frameworks.llava import LlavaLaunchArguments
+    from vlm_preserve.frameworks.nvila import NVILALaunchArguments
     from vlm_preserve.monitor import LanguageMonitorConfig
     from vlm_preserve.regularizers import config_classes
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -163,3 +163,31 @@ def test_every_method_declares_its_needs():
         assert cls.name == name
         assert cls.config_class is None or dataclasses.is_dataclass(cls.config_class)
         assert cls.has_loss or cls.setup is not Method.setup, name  # a method does something
+
+
+def test_nothing_outside_cli_imports_the_cli_and_every_framework_lives_in_frameworks():
+    """cli/ parses flags and launches; the hooking into each framework is in frameworks/ (docs/architecture.md)."""
+    import ast
+    from pathlib import Path
+
+    import vlm_preserve
+    root = Path(vlm_preserve.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if rel.parts[0] == "cli":
+            continue
+        package = ["vlm_preserve", *rel.parts[:-1]]
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package[:len(package) - node.level + 1] if node.level else []
+                names = [".".join(base + ([node.module] if node.module else []))]
+                names += [f"{names[0]}.{a.name}" for a in node.names]
+            offenders += [f"{rel}: {n}" for n in names if n == "vlm_preserve.cli" or n.startswith("vlm_preserve.cli.")]
+    assert not offenders, offenders
+    frameworks = {p.stem for p in (root / "frameworks").glob("*.py")} - {"__init__"}
+    assert {"llava", "bunny", "nvila", "llamafactory", "swift", "upstream"} <= frameworks
+    assert (root / "frameworks" / "swift_plugin" / "vlm_preserve_swift.py").is_file()

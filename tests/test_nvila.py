@@ -30,7 +30,7 @@ from safetensors.torch import load_file  # noqa: E402
 from vlm_preserve.testing.fixtures import build_tiny_nvila, nvila_train_args  # noqa: E402
 from conftest import paired, step_rows as rows  # noqa: E402
 
-UPSTREAM = ("from vlm_preserve.cli.nvila_train import cpu_compat; from vlm_preserve.patching import Patches; "
+UPSTREAM = ("from vlm_preserve.frameworks.nvila import cpu_compat; from vlm_preserve.patching import Patches; "
             "import runpy; cpu_compat(Patches()); "
             "runpy.run_module('llava.train.train_mem', run_name='__main__', alter_sys=False)")
 PLUGIN = "from vlm_preserve.cli.nvila_train import main; main(sys.argv[1:] + ['--cpu_compat', 'True'])"
@@ -182,7 +182,7 @@ def test_launch_script_flags_are_all_known():
     from llava.train import train as upstream
 
     from vlm_preserve.cli.launch import _parser
-    from vlm_preserve.cli.nvila_train import SPEC
+    from vlm_preserve.frameworks.nvila import SPEC
     root = Path(__file__).resolve().parents[1]
     p = subprocess.run(["bash", root / "scripts" / "nvila" / "finetune.sh", "rdd,pre"], capture_output=True, text=True,
                        env=dict(os.environ, DRY_RUN="1", NVILA_TRAIN="nvila-train"))

@@ -19,7 +19,7 @@ swift = pytest.importorskip("swift", reason="ms-swift is not installed in this e
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from vlm_preserve.cli.swift_sft import ENV, plugin_path, register  # noqa: E402
+from vlm_preserve.frameworks.swift import ENV, plugin_path, register  # noqa: E402
 from vlm_preserve.testing.hf_vlm import build_tiny_hf_vlm  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -245,7 +245,7 @@ def test_example_commands_parse(name):
 
     from swift.arguments import SftArguments
 
-    from vlm_preserve.cli.launch import option_names
+    from vlm_preserve.options import option_names
 
     text = (Path(__file__).resolve().parents[1] / "scripts" / "swift" / name).read_text().replace("\\\n", " ")
     words = [w for line in text.splitlines() if "swift-sft" in line for w in shlex.split(line)]

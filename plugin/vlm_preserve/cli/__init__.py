@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..study.cli import run
         return run(args)
     if args.command == "swift-plugin":
-        from .swift_sft import plugin_path
+        from ..frameworks.swift import plugin_path
         print(plugin_path())
         return 0
     if args.command == "diagnose":

@@ -117,7 +117,7 @@ def _tiny_run_llamafactory() -> str | None:
 
 def _tiny_run_swift() -> str | None:
     from ..testing.hf_vlm import build_tiny_hf_vlm
-    from .swift_sft import ENV, plugin_path
+    from ..frameworks.swift import ENV, plugin_path
     with tempfile.TemporaryDirectory() as tmp:
         fx = build_tiny_hf_vlm(Path(tmp) / "fx", "qwen2_vl", n_image=4, n_text=2, qwen_ids=True)
         out = Path(tmp) / "run"
