@@ -12,7 +12,7 @@ _LAZY = {
     "Attachment": "attachment", "GenericAdapter": "adapters.generic", "Preserver": "regularizers",
     "RDDConfig": "regularizers.rdd", "PReConfig": "regularizers.pre",
     "DistillConfig": "regularizers.distill", "SoftLabelConfig": "regularizers.soft_label",
-    "PreserveArguments": "config", "ConfigError": "config", "StepCapture": "capture",
+    "PreserveArguments": "config", "ConfigError": "config", "NonFiniteTermError": "config", "StepCapture": "capture",
     "add_language_monitor": "monitor", "LanguageMonitorConfig": "monitor", "language_nll": "monitor",
 }
 __all__ = sorted(_LAZY)

@@ -14,6 +14,8 @@ any order, each recognised by its type; a method whose config is not given runs 
 """
 from __future__ import annotations
 
+import dataclasses
+
 from .adapters import resolve_adapter
 from .attachment import Attachment
 from .config import PreserveArguments
@@ -43,8 +45,11 @@ def make_configs(regularizer: str = "none", *configs, **by_name) -> dict:
         if type(c) not in known:
             raise TypeError(f"{c!r} is not a config of a registered method; expected instances of "
                             f"{', '.join(k.__name__ for k in known[1:])}")
-        if type(c) is PreserveArguments:
-            raise TypeError("give the methods as the regularizer string, not as PreserveArguments")
+        if type(c) is PreserveArguments:  # its other options (nonfinite_terms); the methods come as the string
+            if c.regularizer not in ("none", regularizer):
+                raise TypeError(f"PreserveArguments(regularizer={c.regularizer!r}) disagrees with {regularizer!r}: "
+                                "give the methods as the regularizer string only")
+            c = dataclasses.replace(c, regularizer=regularizer)
         out[type(c)] = c
     validate(out)  # options of a term that is not enabled are an error, as on the command line
     return out

@@ -23,10 +23,21 @@ def choice(flag: str, value: str, choices) -> None:
         raise ConfigError(f"{flag} {value!r} is not one of: {', '.join(choices)}.")
 
 
+NONFINITE = ("skip", "raise")
+
+
+class NonFiniteTermError(FloatingPointError):
+    """A regularizer term was NaN or infinite at a step and `--nonfinite_terms raise` was given."""
+
+
 @dataclass
 class PreserveArguments:
     regularizer: str = field(default="none", metadata={
         "help": "Comma-separated preservation methods (e.g. rdd,pre); none = upstream as is."})
+    nonfinite_terms: str = field(default="skip", metadata={
+        "help": "A term that is NaN or infinite at a step (on any rank): skip = it enters with weight 0 for that "
+                "step, so only the LM loss trains it (logged as <term>_skipped_steps); raise = stop with "
+                "NonFiniteTermError naming the term."})
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch
 
 from .attachment import Attachment, without_heads
 from .config import HEADS_FILE, LossScaling
+from .regularizers import SKIPPED
 from .regularizers.distill import ROUTE_KEY
 
 _SEED_PRIME, _STEP_PRIME = 1_000_003, 9_973  # the step seed's mixing (_step_seed)
@@ -145,6 +146,9 @@ class PreservingMixin:
 
     def _accumulate(self, logs: dict) -> None:
         for name, value in logs.items():
+            if name.endswith(SKIPPED):  # a running count: its latest value, not a mean over the micro-batches
+                self._vp_logs[name] = (value.detach().float(), 1)
+                continue
             s, c = self._vp_logs.get(name, (0.0, 0))
             if value is not None:
                 s, c = s + value.detach().float(), c + 1

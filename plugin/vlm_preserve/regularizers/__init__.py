@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..capture import StepCapture
-from ..config import HEADS_PREFIX, ConfigError, PreserveArguments
+from ..config import HEADS_PREFIX, NONFINITE, ConfigError, NonFiniteTermError, PreserveArguments, choice
 # importing the built-in methods registers them, in this order (the order of --help and of error messages)
 from .base import REGISTRY, Method, ModelDims, SetupContext, method_class, register
 from .rdd import RDD, RDDConfig
@@ -43,6 +43,7 @@ def validate(configs: dict, given: set[str] | None = None) -> list[str]:
     `configs` maps dataclass type -> instance; `given` is the set of flags the user passed (the CLI knows
     it); without it, a field differing from its default counts as given."""
     names = parse_names(configs[PreserveArguments].regularizer)
+    choice("--nonfinite_terms", configs[PreserveArguments].nonfinite_terms, NONFINITE)
     for method, m in REGISTRY.items():
         cls = m.config_class
         if cls is None:
@@ -77,6 +78,8 @@ class Preserver:
         self.hidden_layers = sorted({k for t in self.terms for k in t.hidden_layers})
         self.needs_visual_features = any(t.needs_visual_features for t in self.terms)
         self.replaces_lm_loss = any(t.replaces_lm_loss for t in self.terms)
+        self.on_nonfinite = configs[PreserveArguments].nonfinite_terms
+        self.skipped = {t.name: 0 for t in self.terms}
 
     @property
     def active(self) -> bool:
@@ -90,15 +93,44 @@ class Preserver:
         None where a batch had nothing to measure (its term then entered with weight 0)."""
         logs = {"lm_loss": lm_loss.detach()}
         base, extra = lm_loss, 0.0
-        for t in self.terms:
-            value, valid = t.loss(cap)
+        values = [t.loss(cap) for t in self.terms]
+        for t, (value, valid), bad in zip(self.terms, values, _nonfinite([v for v, _ in values])):
+            if bad:
+                # A NaN/inf term times 0 still sends NaN into the weights (0 · inf in its backward), so the term's
+                # graph is dropped; the placeholder keeps its heads in this step's backward on every rank.
+                if self.on_nonfinite == "raise":
+                    raise NonFiniteTermError(
+                        f"vlm-preserve: the {t.name} term is {value.detach().float().item()} at this step (NaN or "
+                        "infinite on at least one rank). Look for an all-padding visual batch or fp16 overflow; "
+                        "--nonfinite_terms skip leaves such a step's term out instead.")
+                self.skipped[t.name] += 1
+                logs[f"{t.name}_loss"] = None
+                logs[f"{t.name}{SKIPPED}"] = torch.tensor(float(self.skipped[t.name]))
+                extra = extra + t.placeholder(cap).to(lm_loss.dtype) * 0.0
+                continue
             logs[f"{t.name}_loss"] = value.detach() if valid else None
+            if self.skipped[t.name]:
+                logs[f"{t.name}{SKIPPED}"] = torch.tensor(float(self.skipped[t.name]))
             if t.replaces_lm_loss:
                 base = value
             else:
                 extra = extra + value.to(lm_loss.dtype) * (t.weight if valid else 0.0)
         total = base + extra
         return total, logs
+
+
+SKIPPED = "_skipped_steps"  # a log key's suffix: how many steps a term was left out, so far (a count, not a mean)
+
+
+def _nonfinite(values: list) -> list[bool]:
+    """Per value: NaN or infinite on any rank (one all-reduce), so every rank skips or raises alike."""
+    if not values:
+        return []
+    flags = torch.stack([(~torch.isfinite(v.detach())).any() for v in values]).float()
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [bool(f) for f in flags.tolist()]
 
 
 __all__ = ["REGISTRY", "Method", "ModelDims", "SetupContext", "register", "config_classes", "HEADS_PREFIX",

@@ -70,6 +70,13 @@ class Method:
         the batch had nothing to measure, and then the value enters with weight 0."""
         raise NotImplementedError(f"{type(self).__name__} declares has_loss but defines no loss()")
 
+    def placeholder(self, cap: StepCapture) -> torch.Tensor:
+        """A finite value that uses every head parameter as `loss` does (DDP waits for their gradients, ZeRO-3
+        gathers them on every rank); it stands in, weighted by 0, for a term that came out NaN or infinite. A
+        method with heads overrides it; without heads nothing needs to be touched."""
+        ref = cap.inputs_embeds if cap.inputs_embeds is not None else cap.attention_mask
+        return torch.zeros((), device=None if ref is None else ref.device)
+
 
 REGISTRY: dict[str, type[Method]] = {}
 

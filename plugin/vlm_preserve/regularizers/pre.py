@@ -213,8 +213,10 @@ class PRe(Method):
         # hidden_states[0] is the embedding output, so layer k's output is hidden_states[k + 1].
         h = cap.hidden_states[self.layer + 1][cap.image_mask]
         anchor = cap.visual_embeds() if self.cfg.pre_anchor == "pre_llm" else cap.visual_features
-        valid = h.shape[0] > 0
-        if not valid:  # still run the head (ZeRO-3 gathers its weights on every rank), weighted by 0
-            h = cap.hidden_states[self.layer + 1].new_zeros(1, self.head[0].in_features)
-            anchor = h.new_ones(1, self.head[-1].out_features)
-        return head_pre_loss(self.head, h, anchor), valid
+        if not h.shape[0]:  # still run the head (ZeRO-3 gathers its weights on every rank), weighted by 0
+            return self.placeholder(cap), False
+        return head_pre_loss(self.head, h, anchor), True
+
+    def placeholder(self, cap: StepCapture) -> torch.Tensor:
+        h = cap.hidden_states[self.layer + 1].new_zeros(1, self.head[0].in_features)
+        return head_pre_loss(self.head, h, h.new_ones(1, self.head[-1].out_features))
