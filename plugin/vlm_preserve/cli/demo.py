@@ -22,11 +22,10 @@ SMOKE = dict(DEMO, train_images=8, test_images=4, vqa_test_questions=6, stage1_s
 
 # Seconds each phase took in the demo's measured run (README), and that machine's fp32 GEMM rate: the time-left
 # estimate starts from these scaled by this machine's measured rate, then follows this run's own pace.
-# The README's run, 2026-12-03 (14 min 47 s on a fresh clone): phases as its progress lines timed them; the rate is
-# that machine's, idle right after the run, by today's best-of-rounds probe (the single short round it printed at its
-# start read 65).
-REFERENCE_GFLOPS = 170.0
-REFERENCE_S = {"eval:base": 144.0, "stage1": 60.0, "train": 5.4, "eval": 97.0}
+# The README's run, 2026-12-06 (9 min 52 s on a fresh clone, installs included): phases as its progress lines timed
+# them, at the rate it printed at its start.
+REFERENCE_GFLOPS = 191.0
+REFERENCE_S = {"eval:base": 72.0, "stage1": 54.0, "train": 3.6, "eval": 62.0}
 
 
 class Progress:
