@@ -191,3 +191,62 @@ def test_nothing_outside_cli_imports_the_cli_and_every_framework_lives_in_framew
     frameworks = {p.stem for p in (root / "frameworks").glob("*.py")} - {"__init__"}
     assert {"llava", "bunny", "nvila", "llamafactory", "swift", "upstream"} <= frameworks
     assert (root / "frameworks" / "swift_plugin" / "vlm_preserve_swift.py").is_file()
+
+
+def test_every_import_inside_the_package_names_something_that_exists():
+    """Imports done lazily inside functions (for upstreams installed only in their own environment) run only in
+    that environment's tests; a moved name must fail here, in every environment, not only there."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    import vlm_preserve
+    root = Path(vlm_preserve.__file__).parent
+
+    def top_level_names(path: Path) -> set[str]:
+        names = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    names |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            elif isinstance(node, (ast.If, ast.Try)):
+                for sub in ast.walk(node):
+                    if isinstance(sub, (ast.FunctionDef, ast.ClassDef)):
+                        names.add(sub.name)
+                    elif isinstance(sub, (ast.Import, ast.ImportFrom)):
+                        names |= {(a.asname or a.name).split(".")[0] for a in sub.names}
+                    elif isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                        names.add(sub.id)
+        return names
+
+    def lazy(module: Path, name: str) -> bool:  # a module-level __getattr__ (the package's lazy names)
+        if "__getattr__" not in top_level_names(module):
+            return False
+        parts = module.relative_to(root.parent).with_suffix("").parts
+        return hasattr(importlib.import_module(".".join(p for p in parts if p != "__init__")), name)
+
+    missing, checked = [], 0
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level):
+                continue
+            base = path.parent
+            for _ in range(node.level - 1):
+                base = base.parent
+            target = base.joinpath(*(node.module or "").split(".")) if node.module else base
+            for alias in node.names:
+                checked += 1
+                if (target / alias.name).is_dir() or target.with_name(target.name).joinpath(f"{alias.name}.py").is_file():
+                    continue  # a submodule
+                module = target / "__init__.py" if target.is_dir() else target.with_suffix(".py")
+                if not module.is_file():
+                    missing.append(f"{rel}:{node.lineno}: no module {module.relative_to(root)}")
+                elif alias.name != "*" and alias.name not in top_level_names(module) and not lazy(module, alias.name):
+                    missing.append(f"{rel}:{node.lineno}: {alias.name} not in {module.relative_to(root)}")
+    assert checked > 50
+    assert not missing, missing

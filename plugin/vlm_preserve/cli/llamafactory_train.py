@@ -30,7 +30,7 @@ def _fail(msg: str, code: int = 2):
 
 
 def _parser():
-    from .launch import options_parser
+    from ..options import options_parser
     return options_parser(COMMAND, "LLaMA-Factory's training run with vlm-preserve regularizers. Every key not "
                                    "listed here goes to LLaMA-Factory unchanged; these may also be written as "
                                    "YAML keys or key=value overrides.")
@@ -56,7 +56,7 @@ def split_arguments(argv: list[str]):
         theirs = read_args()  # LLaMA-Factory's own reading: YAML/JSON file + key=value overrides, or argv flags
     finally:
         sys.argv = old
-    from .launch import option_names, parse_options
+    from ..options import option_names, parse_options
     names = set(option_names())
     from_file = {k: theirs.pop(k) for k in list(theirs) if k in names} if isinstance(theirs, dict) else {}
     ours = _as_flags(from_file) + argv  # argparse keeps the last occurrence: the command line wins
