@@ -33,13 +33,20 @@ _SEEDED = ("import sys, torch; torch.manual_seed(0); "
            "sys.argv = ['train'] + sys.argv[1:]; ")
 
 
+def entry_command(kind: str, args: list) -> list[str]:
+    code = _SEEDED + ("from vlm_preserve.cli.llava_train import main; main(sys.argv[1:])" if kind == "plugin"
+                      else "from llava.train.train import train; train()")
+    return [sys.executable, "-c", code, *map(str, args)]
+
+
+def entry_env() -> dict:
+    return dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+
+
 def run_entry(kind: str, args: list, check: bool = True) -> subprocess.CompletedProcess:
     """Run `llava-train` (kind='plugin') or plain upstream `train()` (kind='upstream') in a fresh
     interpreter, torch seeded first (upstream initialises the projector before the Trainer seeds)."""
-    code = _SEEDED + ("from vlm_preserve.cli.llava_train import main; main(sys.argv[1:])" if kind == "plugin"
-                      else "from llava.train.train import train; train()")
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
+    p = subprocess.run(entry_command(kind, args), capture_output=True, text=True, env=entry_env())
     if check and p.returncode != 0:
         raise AssertionError(f"{kind} run failed ({p.returncode}):\n{p.stderr[-4000:]}")
     return p

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import needs_llava, paired, run_entry, step_rows
+from conftest import entry_command, entry_env, needs_llava, paired, run_entry, step_rows
+from helpers import kill
 from helpers.llava_models import weights
 
 pytestmark = needs_llava
@@ -106,6 +107,51 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tiny_llava, tmp_path):
     wa, wb = weights(full), weights(resumed)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+KILL_ARGS = dict(max_steps=6, save_strategy="steps", save_steps=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_llava, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_entry("plugin", tiny_llava.train_args(out, **KILL_ARGS) + ["--regularizer", "rdd,pre"])
+    assert all((out / f"checkpoint-{s}" / "vlm_preserve_complete").exists() for s in (2, 4, 6))
+    return out
+
+
+# between checkpoints; inside upstream's part of checkpoint-4's save (transformers 4.36 writes it into
+# tmp-checkpoint-4 and renames it after); after that rename, as the plugin writes its heads into checkpoint-4
+@pytest.mark.parametrize("pause", ["log:3", "rng:4", "heads:4"])
+def test_sigkilled_llava_train_resumes_as_if_uninterrupted(tiny_llava, tmp_path, uninterrupted, pause):
+    """llava-train SIGKILLed mid-run and rerun with the same command (upstream train() resumes when a checkpoint-*
+    exists) logs the same loss and per-term sequence and ends with the same weights as an uninterrupted run; a cut
+    checkpoint is named and skipped (tests/test_kill.py: the same on the Python API)."""
+    out = tmp_path / "run"
+    args = tiny_llava.train_args(out, **KILL_ARGS) + ["--regularizer", "rdd,pre"]
+    kill.kill_at(entry_command("plugin", args), entry_env(), pause)
+    assert (out / "checkpoint-2" / "vlm_preserve_complete").exists()
+    if pause == "heads:4":
+        assert (out / "checkpoint-4").is_dir() and not (out / "checkpoint-4" / "vlm_preserve_complete").exists()
+    p = run_entry("plugin", args)
+    log = p.stdout + p.stderr
+    assert f"resuming from {out / 'checkpoint-2'}" in log, log[-3000:]
+    if pause == "heads:4":
+        assert f"{out / 'checkpoint-4'} is incomplete" in log, log[-3000:]
+    assert not (out / "tmp-checkpoint-4").exists()
+    a, b = step_rows(uninterrupted), step_rows(out)
+    assert [r["step"] for r in a] == [1, 2, 3, 4, 5, 6]
+    for x, y in paired(a, b):
+        assert x.keys() == y.keys() and {"rdd_loss", "pre_loss"} <= x.keys()
+        for k in ("loss", "lm_loss", "rdd_loss", "pre_loss"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), (k, x, y)
+    wa, wb = weights(uninterrupted), weights(out)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+    heads = [load_file(o / "checkpoint-6" / "vlm_preserve_heads.safetensors") for o in (uninterrupted, out)]
+    for k in heads[0]:
+        torch.testing.assert_close(heads[0][k], heads[1][k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_resume_refuses_a_checkpoint_without_heads(tiny_llava, tmp_path):

@@ -3,7 +3,10 @@
 The terms are added after the trainer's own `compute_loss` (so a subclass override, `compute_loss_func`
 and `num_items_in_batch` normalisation keep working), logged by name next to `loss`; training-only heads
 are saved in each checkpoint (`vlm_preserve_heads.safetensors`, restored on resume) and dropped from every
-model save. Framework-specific questions go to the adapter.
+model save. A save is announced before it starts and marked complete once all of it is written, and
+`resume_from_checkpoint=True` skips a folder announced but never marked, so a process killed mid-save never resumes
+from a half-written checkpoint (checkpoints.py).
+Framework-specific questions go to the adapter.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import os
 
 import torch
 
+from . import checkpoints
 from .attachment import Attachment, without_heads
 from .config import HEADS_FILE, LossScaling
 from .regularizers import SKIPPED
@@ -174,17 +178,56 @@ class PreservingMixin:
         return super()._save(output_dir, state_dict=state_dict)
 
     def _save_checkpoint(self, model, trial, *args, **kwargs):
-        result = super()._save_checkpoint(model, trial, *args, **kwargs)
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        run_dir = self._get_output_dir(trial=trial)
+        out = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            checkpoints.begin(out)
+        self.accelerator.wait_for_everyone()
+        # upstream rotates inside its save: a kill after that but before the heads and the marker would leave no
+        # complete checkpoint at all, so rotation waits until this one is marked
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            result = super()._save_checkpoint(model, trial, *args, **kwargs)
+        finally:
+            self.args.save_total_limit = limit
         if len(self._vp.heads):
             from safetensors.torch import save_file
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
             state = _gathered_state(self._vp.heads)
-            out = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             if self.args.should_save:
                 os.makedirs(out, exist_ok=True)
                 save_file(state, os.path.join(out, HEADS_FILE + ".tmp"), metadata={"format": "pt"})
                 os.replace(os.path.join(out, HEADS_FILE + ".tmp"), os.path.join(out, HEADS_FILE))
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG state, ZeRO shards) are written
+        if self.args.should_save:
+            checkpoints.mark_complete(out)
+            self._vp_rotate(run_dir)
         return result
+
+    def _vp_rotate(self, run_dir: str) -> None:
+        try:
+            from transformers.trainer_utils import rotate_checkpoints  # transformers 5
+        except ImportError:
+            return self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            found, cut = checkpoints.latest_complete(self.args.output_dir)
+            for path in cut:
+                print(checkpoints.cut_line(path), flush=True)
+            if found is None and cut:
+                print(f"[vlm-preserve] no complete checkpoint in {self.args.output_dir}: training starts at step 0",
+                      flush=True)
+            elif found is not None:
+                print(f"[vlm-preserve] resuming from {found}", flush=True)
+            # none at all: upstream's own error for resume_from_checkpoint=True without checkpoints
+            resume_from_checkpoint = found if (found or cut) else True
+        elif isinstance(resume_from_checkpoint, str) and checkpoints.is_cut(resume_from_checkpoint):
+            print(f"[vlm-preserve] warning: resuming from {resume_from_checkpoint} as asked, though its write was "
+                  "cut", flush=True)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         result = super()._load_from_checkpoint(resume_from_checkpoint, model)
