@@ -685,6 +685,7 @@ def test_selection_rule_best_admitted_recovery_tie_to_default_none_admitted_keep
     assert select.report(d, md, "strong") == select.chosen_settings(d)
     page = md.read_text()
     assert "pre_weight=5 **chosen**" in page and "| rdd_rbf | rdd_weight=10 | " in page and "| no |" in page
+    assert "Not yet run (" in page and "`rdd_l2`" in page and "`pre__pre_weight=5`" not in page.split("Not yet run")[1]
     before = page
     select.report(d, md, "strong")
     assert md.read_text() == before                                          # regenerated: the same bytes

@@ -163,6 +163,10 @@ def markdown(rows: list[dict], regime: str) -> str:
         out.append(f"| {r['method']} | {setting or 'default'}{' **chosen**' if id(r) in chosen else ''} | "
                    f"{c[0]:+.3f} [{c[1]:+.3f}, {c[2]:+.3f}] | {t[0]:+.3f} [{t[1]:+.3f}, {t[2]:+.3f}] | {rec} | "
                    f"{r['vqa']:.3f} | {adm} |")
+    done = {r["tag"] for r in rows}
+    missing = [tag(m, s) for m in GRID for s in GRID[m] if tag(m, s) not in done]
+    if missing:
+        out += ["", f"Not yet run ({len(missing)}): " + ", ".join(f"`{t}`" for t in missing) + "."]
     return "\n".join(out) + "\n"
 
 
