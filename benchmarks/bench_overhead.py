@@ -361,10 +361,11 @@ def step_flops(B, L, d):  # attention: QK^T and AV, 2·L²·d each per layer and
     return {**f, "total": sum(f.values())}
 
 
-def step_memory(B, L, d):  # a LOWER bound of the 7B step's per-GPU peak, so the fractions are upper bounds
-    m = {"model_states": 16 * P_7B / GPUS,                        # bf16 w+g, fp32 master + Adam m, v; ZeRO-3
-         "checkpointed_layer_inputs": LAYERS_7B * B * L * d * 2,  # bf16, gradient checkpointing
-         "fp32_logits": 4 * B * L * VOCAB_7B}                     # LlamaForCausalLM: logits.float()
+def step_memory(B, L, d, dtype="bf16"):  # a LOWER bound of the 7B step's per-GPU peak: fractions are upper bounds
+    act = {"bf16": 2, "fp32": 4}[dtype]
+    m = {"model_states": 16 * P_7B / GPUS,      # bf16 w+g + fp32 master + Adam m, v; or fp32 w, g, m, v; ZeRO-3
+         "checkpointed_layer_inputs": LAYERS_7B * B * L * d * act,  # in the step's dtype, gradient checkpointing
+         "fp32_logits": 4 * B * L * VOCAB_7B}   # LlamaForCausalLM: logits.float()
     return {**m, "total": sum(m.values())}
 
 
@@ -417,6 +418,7 @@ def part_b(args) -> dict:
     rc = RDDConfig()  # the defaults a user gets
     B, nt, nv, d, cap = args.b_batch, 600, 576, 4096, rc.rdd_max_tokens
     sf, sm = step_flops(B, nt + nv, d), step_memory(B, nt + nv, d)
+    sm_dtype = {t: step_memory(B, nt + nv, d, t) for t in ("bf16", "fp32")}  # each mem run against its dtype's bound
     capped = lambda c: (min(c, B * nt) if c else B * nt, min(c, B * nv) if c else B * nv)  # noqa: E731
     flops = {"rdd:new": lambda c: rdd_flops_new(*capped(c), d), "rdd:old": lambda c: rdd_flops(*capped(c), d),
              "pre:new": lambda c: pre_flops(B * nv, d, d), "pre:old": lambda c: pre_flops(B * nv, d, d)}
@@ -424,7 +426,7 @@ def part_b(args) -> dict:
     out = {"shape": {"batch": B, "text_tokens": nt, "visual_tokens": nv, "width": d, "layers": LAYERS_7B,
                      "params": P_7B, "vocab": VOCAB_7B, "gpus": GPUS, "rdd_cap": cap, "image_start": IMAGE_START,
                      "rdd_block": rc.rdd_block_size, "rdd_kernel": rc.rdd_kernel, "torch_threads": 1},
-           "step_flops": sf, "step_memory_est_bytes": sm, "pre_head_zero3_states_bytes": head_states,
+           "step_flops": sf, "step_memory_est_bytes": sm, "step_memory_est_bytes_by_dtype": sm_dtype, "pre_head_zero3_states_bytes": head_states,
            "rdd_uncapped_flops_frac": {"new": flops["rdd:new"](0) / sf["total"], "old": flops["rdd:old"](0) / sf["total"]},
            "runs": {}}
     one_thread = {"OMP_NUM_THREADS": "1"}  # so that CPU time is work, whatever else the machine runs
@@ -448,7 +450,8 @@ def part_b(args) -> dict:
             if term == "pre":  # under ZeRO-3 the head's states are the term's own too
                 r["own_peak_bytes"] += head_states
                 r["extra_peak_bytes"] += head_states
-            r.update(own_frac=r["own_peak_bytes"] / sm["total"], extra_frac=r["extra_peak_bytes"] / sm["total"])
+            bound = sm_dtype[dtype]["total"]
+            r.update(own_frac=r["own_peak_bytes"] / bound, extra_frac=r["extra_peak_bytes"] / bound, bound_bytes=bound)
         out["runs"][run] = r
         print(f"  B {run} done", flush=True)
     print(f"\nPart B: LLaVA-1.5-7B shape, batch {B} x ({nt} text + {nv} visual) tokens, width {d}, {LAYERS_7B} "
@@ -457,7 +460,8 @@ def part_b(args) -> dict:
           f"{sf['dense']:.3e} + {sf['attention']:.3e} = {sf['total']:.3e}")
     print(f"  7B per-GPU memory (est., lower bound; ZeRO-3 on {GPUS}) = 16 B*{P_7B:.2g}/{GPUS} + {LAYERS_7B}*B*L*d*2 B"
           f" + 4 B*B*L*{VOCAB_7B} = {sm['model_states'] / GIB:.2f} + {sm['checkpointed_layer_inputs'] / GIB:.2f}"
-          f" + {sm['fp32_logits'] / GIB:.2f} = {sm['total'] / GIB:.2f} GiB")
+          f" + {sm['fp32_logits'] / GIB:.2f} = {sm['total'] / GIB:.2f} GiB in bf16; fp32 (activations 4 B): "
+          f"{sm_dtype['fp32']['total'] / GIB:.2f} GiB")
     times = {k: v for k, v in out["runs"].items() if k.startswith("time:")}
     if times:
         print(f"{'time run':10s} {'impl':4s} {'fwd s':>6s} {'bwd s':>6s} {'new/old':>7s} {'time %':>7s} {'GFLOP':>6s} "
@@ -489,7 +493,7 @@ def part_b(args) -> dict:
               "max(fwd, bwd - in.grad), exact for RDD new and PRe new (their gradients live through their whole "
               "backward), a lower bound for the old paths (theirs appear late in their backward); total = max(fwd, bwd), "
               "what runs 1-3 reported; PRe own and total include its "
-              f"head's ZeRO-3 states ({head_states / MIB:.0f} MiB); % of the per-GPU lower bound")
+              f"head's ZeRO-3 states ({head_states / MIB:.0f} MiB); % of the per-GPU lower bound in the run's dtype")
     print(f"  RDD FLOPs uncapped ({B * nt}+{B * nv} tokens): new {100 * out['rdd_uncapped_flops_frac']['new']:.3f}%, "
           f"old {100 * out['rdd_uncapped_flops_frac']['old']:.3f}% of the step")
     return out

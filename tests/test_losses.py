@@ -1,5 +1,6 @@
 """The methods against independent computations: closed forms, invariances, bandwidth scaling."""
 import contextlib
+import copy
 import math
 import sys
 import types
@@ -350,9 +351,20 @@ def test_pre_recomputing_function_equals_the_checkpointed_path(dtype):
     v_new, g_new = _pre_run(head_pre_loss, head, h, anchor, 700)
     v_old, g_old = _pre_run(pre_checkpointed.head_pre_loss, head, h, anchor, 700)
     assert v_new.dtype == torch.float32 and v_new.item() == pytest.approx(v_old.item(), rel=1e-6)
-    for got, want in zip(g_new, g_old):
+    if dtype == torch.float32:
+        for got, want in zip(g_new, g_old):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7 * want.abs().max().item())
+        return
+    # bf16: the head's backward adds each weight's gradient straight into its buffer (one rounding per chunk) where
+    # autograd rounds the chunk's gradient and then the sum, so the two differ by bf16 rounding: each is compared
+    # with the fp32 computation on the same (bf16-valued) inputs, and the new one must be no further from it
+    _, g_ref = _pre_run(head_pre_loss, copy.deepcopy(head).float(), h.detach().float().requires_grad_(),
+                        anchor.float(), 700)
+    for got, old, ref in zip(g_new, g_old, g_ref):
         assert got.dtype == dtype
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7 * want.abs().max().item())
+        err_new, err_old = ((x.float() - ref).norm() / ref.norm() for x in (got, old))
+        assert err_new < 1e-2 and err_new <= 1.05 * err_old, (err_new, err_old)
 
 
 def test_pre_recomputing_function_under_autocast():

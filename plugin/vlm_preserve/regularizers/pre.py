@@ -14,7 +14,8 @@ It exists only in training: saved in Trainer checkpoints, never in an exported m
 Memory: the head and the cosine run over chunks of `PRE_CHUNK` tokens in one autograd function that saves no
 activation and recomputes each chunk in backward, adding its gradients in place into one buffer per input; so beyond
 the inputs and their gradients the term holds one chunk's activations and gradients (and, transiently, one weight
-matrix's gradient for that chunk), whatever the number of visual tokens. Same value as the plain formula, gradients
+matrix's gradient for that chunk under autocast; without autocast the head's backward is written out and adds each
+weight's gradient straight into its buffer), whatever the number of visual tokens. Same value as the plain formula, gradients
 to rounding (tests/test_losses.py). Under DeepSpeed ZeRO-3 the same function runs on the head's weights gathered once for
 the forward and once for the backward (see head_pre_loss).
 Layer l is 0-based; `middle` = num_layers // 2 (Vicuna-7B: 16 of 32).
@@ -68,7 +69,9 @@ class PReHead(nn.Sequential):
         super().__init__(nn.Linear(d_in, d_in), nn.GELU(), nn.Linear(d_in, d_out))
 
 
-PRE_CHUNK = 512  # rows: the term holds one chunk's working set (own memory at the 7B shape, bf16: 1024 0.90%, 512 0.61%)
+# rows per chunk in a 2-byte dtype; a 4-byte one takes half as many, so that a chunk's working set is the same bytes
+# (own memory at the 7B shape, bf16: 1024 rows 0.90%, 512 0.61%; docs/benchmarks.md)
+PRE_CHUNK = 512
 
 
 def pre_loss(pred: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
@@ -135,9 +138,16 @@ class _ChunkedHeadCosine(torch.autograd.Function):
             if leaf.requires_grad:
                 leaf.grad = torch.zeros_like(leaf)
         weights = dict(zip(ctx.names, leaves))
+        enabled, dtype = ctx.autocast
+        if not enabled and isinstance(ctx.head, PReHead):
+            grads = {n: leaf.grad for n, leaf in zip(ctx.names, leaves) if leaf.requires_grad}
+            for i in reversed(range(0, h.shape[0], ctx.chunk)):
+                _chunk_backward(weights, h[i:i + ctx.chunk], anchor[i:i + ctx.chunk], g, ctx.dtype,
+                                gh[i:i + ctx.chunk] if need_h else None, grads)
+            return (gh, None, None, None, None, None, None,
+                    *(leaf.grad if leaf.requires_grad else None for leaf in leaves))
         run = (lambda t: _head_weights(weights, t)) if ctx.zero3 else (
             lambda t: functional_call(ctx.head, weights, (t,)))
-        enabled, dtype = ctx.autocast
         for i in reversed(range(0, h.shape[0], ctx.chunk)):  # last chunk first, the old path's order
             x = h[i:i + ctx.chunk].detach().requires_grad_(need_h)
             if need_h:
@@ -149,6 +159,37 @@ class _ChunkedHeadCosine(torch.autograd.Function):
                 torch.autograd.backward(s, g, inputs=inputs)
         return (gh, None, None, None, None, None, None,
                 *(leaf.grad if leaf.requires_grad else None for leaf in leaves))
+
+
+def _chunk_backward(w: dict, x, anchor, g, dtype, gx, grads: dict) -> None:
+    """One chunk's backward through PReHead by hand (no autocast): each weight's gradient is added straight into its
+    buffer (addmm_), where autograd would first make the chunk's own (d × d) gradient and then add it, the largest
+    transient of the term (64 MiB per fp32 4096² weight). The cosine's backward stays autograd's, on (chunk × d)."""
+    xc = x.detach().to(dtype)
+    a = F.linear(xc, w["0.weight"], w["0.bias"])
+    u = F.gelu(a)
+    p = F.linear(u, w["2.weight"], w["2.bias"]).requires_grad_()
+    with torch.enable_grad():
+        s = F.cosine_similarity(p.float(), anchor.float(), dim=-1, eps=1e-6).sum()
+        (gp,) = torch.autograd.grad(s, p, g)
+    del s, p  # each (chunk × d) tensor freed once its last use is done: the chunk's peak is a few of them
+    if "2.weight" in grads:
+        grads["2.weight"].addmm_(gp.t(), u)
+    if "2.bias" in grads:
+        grads["2.bias"].add_(gp.sum(0))
+    del u
+    if not (gx is not None or "0.weight" in grads or "0.bias" in grads):
+        return
+    gu = gp @ w["2.weight"]
+    del gp
+    ga = torch.ops.aten.gelu_backward(gu, a)
+    del gu, a
+    if "0.weight" in grads:
+        grads["0.weight"].addmm_(ga.t(), xc)
+    if "0.bias" in grads:
+        grads["0.bias"].add_(ga.sum(0))
+    if gx is not None:
+        gx.add_((ga @ w["0.weight"]).to(gx.dtype))
 
 
 def _gathered(params):
@@ -182,7 +223,8 @@ def head_pre_loss(head: nn.Module, h: torch.Tensor, anchor: torch.Tensor, chunk:
     anchor = anchor.detach()
     names, params = zip(*head.named_parameters())
     dtype = head[0].weight.dtype  # h enters the head in its dtype, as the Attachment casts the head to the model's
-    args = (h, anchor, head, chunk or PRE_CHUNK, names, dtype)
+    chunk = chunk or max(1, PRE_CHUNK * 2 // head[0].weight.element_size())
+    args = (h, anchor, head, chunk, names, dtype)
     if any(hasattr(p, "ds_id") for p in params):
         # DeepSpeed ZeRO-3: the head is gathered once around the forward and once in the backward, the same two
         # collectives on every rank whatever its visual-token count (a text-only rank runs one placeholder row), and
