@@ -72,6 +72,24 @@ def test_check_upstream_passes_on_the_pinned_version():
     assert "declared symbols match" in p.stdout and "forward+backward with rdd,pre ran" in p.stdout
 
 
+def test_check_upstreams_scratch_folder_never_spells_mpt(monkeypatch):
+    # LLaVA's train() loads a --model_name_or_path containing "mpt" as MPT: a random temp name once did (CI, stop 34)
+    import tempfile
+
+    from vlm_preserve.cli import check_upstream
+    names = iter(["mptxxxxx", "abcdefgh"])
+    monkeypatch.setattr(tempfile, "_get_candidate_names", lambda: names)
+    with check_upstream._scratch() as d:
+        assert Path(d).name == "vlm-preserve-check-abcdefgh"
+
+
+@needs_llava
+def test_a_fixture_root_that_llava_would_read_as_mpt_is_refused(tmp_path):
+    from vlm_preserve.testing.fixtures import build_tiny_llava
+    with pytest.raises(ValueError, match="contains 'mpt'"):
+        build_tiny_llava(tmp_path / "attempt")
+
+
 @needs_llava
 def test_check_upstream_fails_clearly_on_a_doctored_checkout(tmp_path):
     import llava

@@ -144,11 +144,18 @@ def _tiny_run(upstream: str = "llava") -> str | None:
     return _tiny_run_launcher(upstream)
 
 
+def _scratch() -> tempfile.TemporaryDirectory:
+    # LLaVA's train() loads any --model_name_or_path containing "mpt" as an MPT model, and a random name can spell it
+    while "mpt" in Path((d := tempfile.TemporaryDirectory(prefix="vlm-preserve-check-")).name).name:
+        d.cleanup()
+    return d
+
+
 def _tiny_run_launcher(upstream: str) -> str | None:
     import torch
 
     from ..testing import fixtures
-    with tempfile.TemporaryDirectory() as tmp:
+    with _scratch() as tmp:
         if upstream == "nvila":
             from .nvila_train import main as train
             fx = fixtures.build_tiny_nvila(Path(tmp) / "fx", n_image_samples=4, n_text_samples=2)

@@ -106,6 +106,9 @@ def _start(root, seed: int, vision: str) -> tuple[TinyLlavaFixture, random.Rando
     """The fixture's folders, created, and its seeded RNGs (python's returned; torch's set)."""
     import torch
     root = Path(root)
+    if "mpt" in str(root.resolve()):
+        raise ValueError(f"fixture root {root} contains 'mpt': upstream LLaVA's train() would load its LLM as an MPT "
+                         "model (it tests the substring of --model_name_or_path); choose a root without it.")
     torch.manual_seed(seed)
     fx = TinyLlavaFixture(root, root / "llm", root / vision, root / "data.json", root / "images")
     for p in (fx.llm, fx.vision, fx.images):
