@@ -18,7 +18,7 @@ pytest.importorskip("chitchat_dataset", reason="the study's data packages are in
 torch = pytest.importorskip("torch")
 
 from vlm_preserve.study import data as D  # noqa: E402
-from vlm_preserve.study.evaluate import (choice_outcome, continuation_logliks, mc_eval, paired_bootstrap,  # noqa: E402
+from vlm_preserve.study.evaluate import (choice_outcome, continuation_logliks, mc_eval, mean, paired_bootstrap,  # noqa: E402
                                          perplexity, text_embeds, text_nll)
 from vlm_preserve.config import IGNORE_INDEX as IGNORE  # noqa: E402
 from vlm_preserve.study.format import Collator, sample  # noqa: E402
@@ -180,6 +180,8 @@ def test_pipeline_end_to_end_and_resume(tiny_study):
     assert {"chat_nll", "chat_p_end1", "text_nll"} <= set(rec["summary"]) and "cpu_gflops" in rec
     assert len(rec["items"]["vqa"]) == rec["summary"]["vqa_n"] and 0 <= rec["summary"]["vqa_acc"] <= 1
     assert set(rec["summary"]) >= {"vqa_acc", "vqa_yes_no_acc", "vqa_other_acc"}
+    assert len(rec["items"]["mechanism"]) == rec["summary"]["vqa_n"] and rec["diagnose"]["layers"][0] == 0
+    assert {"mmd2_before", "mmd2_after", "pre_cos"} <= set(rec["summary"])
     assert rec["sources"]["chat"] == "chitchat-dataset==0.9.0" and rec["sources"]["text_wiki"] == "gensim==4.4.0"
     assert any("rdd_loss" in r for r in rec["train_log"])               # the plugin's term reached the Trainer log
     assert any("distill_loss" in r for r in json.loads(open(f"{out}/runs/distill_s0.json").read())["train_log"])
@@ -728,3 +730,70 @@ def test_a_setting_reaches_the_regularizer_or_the_study_and_a_bad_one_is_refused
     assert next(c for c in configs if isinstance(c, PReConfig)).pre_layer == "7"
     with pytest.raises(ValueError, match="rdd_wieght"):
         split_setting({"rdd_wieght": 1.0})
+
+
+# ---- does a method move its own quantity (study/mechanism.py) -----------------------------------------------
+def _mechanism_vlm():
+    from types import SimpleNamespace
+    tok, llm = ByteTokenizer(), _llm()
+    vlm = build_vlm(llm, image_token_id=llm.config.vocab_size, vision_dim=8, seed=0).eval()
+    feats = torch.randn(12, 3, 8, generator=torch.Generator().manual_seed(1))
+    items = [SimpleNamespace(question=f"what shape is number {i}?", image=i) for i in range(12)]
+    return tok, vlm, feats, items
+
+
+def _moved(vlm, scale: float, bias: float = 0.0):
+    import copy
+    m = copy.deepcopy(vlm)
+    w = m.projector[2].weight
+    with torch.no_grad():
+        w.add_(scale * w.abs().mean() * torch.randn(w.shape, generator=torch.Generator().manual_seed(2)))
+        m.projector[2].bias.add_(bias)
+    return m
+
+
+def test_mechanism_of_identical_models_is_zero_with_a_ci_containing_zero():
+    from vlm_preserve.study.mechanism import measure, pre_layer
+    tok, vlm, feats, items = _mechanism_vlm()
+    rows, diag = measure(vlm, _moved(vlm, 0.0), tok, items, feats)
+    assert len(rows) == 12 and all(r["mmd2_before"] > 0 for r in rows)   # the quantity itself is there, not 0
+    d = paired_bootstrap([r["mmd2_after"] for r in rows], [r["mmd2_before"] for r in rows])
+    assert d[0] == 0 and d[1] <= 0 <= d[2]
+    assert [r["pre_cos"] for r in rows] == pytest.approx([1.0] * 12, abs=1e-5)
+    assert diag["layers"] == [0, pre_layer(2)] and diag["before"] == diag["after"]
+    assert set(diag["after"]) == {"mixing", "effdim", "redundancy"}
+
+
+def test_moved_visual_features_score_lower_on_the_pre_quantity_and_a_wider_gap_higher_on_rdds():
+    from vlm_preserve.study.mechanism import measure
+    tok, vlm, feats, items = _mechanism_vlm()
+    cos = [mean(r["pre_cos"] for r in measure(_moved(vlm, s), vlm, tok, items, feats)[0]) for s in (0.0, 0.5, 3.0)]
+    assert cos[0] == pytest.approx(1.0, abs=1e-5) and cos[0] > cos[1] > cos[2]
+    rows, _ = measure(_moved(vlm, 0.0, bias=3.0), vlm, tok, items, feats)   # visual tokens pushed off the text
+    d = paired_bootstrap([r["mmd2_after"] for r in rows], [r["mmd2_before"] for r in rows])
+    assert d[1] > 0
+
+
+def test_the_mechanism_table_compares_before_after_and_with_the_same_seeds_full_run(tmp_path):
+    from vlm_preserve.study.report import mechanism_markdown, mechanism_rows
+    vqa = [{"acc": a, "yes_no": yn} for a, yn in [(1, True), (0, True), (1, False), (1, False)]]
+
+    def rec(method, seed, after, cos):
+        mech = [{"mmd2_before": 1.0, "mmd2_after": a, "pre_cos": c} for a, c in zip(after, cos)]
+        diag = {"layers": [0, 2], **{w: {"mixing": {"pairwise_distance": [v, 0.0], "mmd2": [0.0, 0.0]},
+                                         "effdim": {"effective_dim": [0, v]}, "redundancy": {"redundancy": [0, v]}}
+                                     for w, v in (("before", 1.0), ("after", 2.0))}}
+        return {"method": method, "seed": seed, "items": {"vqa": vqa, "mechanism": mech}, "diagnose": diag}
+    runs = {"base": [{"method": "base", "seed": None, "items": {}}],
+            "full": [rec("full", 0, [1.0] * 4, [0.5] * 4)],
+            "rdd_rbf": [rec("rdd_rbf", 0, [0.4, 0.5, 0.6, 0.5], [0.5] * 4)]}
+    rows_ = mechanism_rows(runs)
+    assert [r["method"] for r in rows_] == ["full", "rdd_rbf"]
+    full, rdd = rows_
+    assert full["d_mmd2"] == (0.0, 0.0, 0.0) and "mmd2_vs_full" not in full
+    assert rdd["d_mmd2"][0] == pytest.approx(-0.5) and rdd["d_mmd2"][2] < 0
+    assert rdd["mmd2_vs_full"][0] == pytest.approx(-0.5) and rdd["cos_vs_full"] == (0.0, 0.0, 0.0)
+    assert rdd["vqa_yes_no"][0] == 0.5 and rdd["vqa_other"][0] == 1.0
+    assert rdd["effdim"] == (1.0, 2.0) and rdd["dist0"] == (1.0, 2.0)
+    md = mechanism_markdown(rows_)
+    assert md.count("\n") == 4 and "| rdd_rbf | 0 | -0.500 [" in md and "1 → 2" in md

@@ -15,7 +15,7 @@ import time
 # (docs/results.md, measured on bigbench-era data); a shown choice until the rebuilt table says otherwise.
 # Item counts: the study's report items cut to a prefix so the four evaluations fit the time.
 DEMO = dict(methods=("full", "merge", "distill"), seeds=(0,), test_images=80, vqa_test_questions=80,
-            language_report=100, merge_alphas=(0.5,), save_steps=10 ** 6)
+            language_report=100, merge_alphas=(0.5,), save_steps=10 ** 6, mechanism=False)
 # --smoke: the same phases on a handful of items, so the test command walks every real source and cache
 SMOKE = dict(DEMO, train_images=8, test_images=4, vqa_test_questions=6, stage1_steps=2, steps=2, schedule_steps=0, batch=2,
              language_validation=4, language_report=6, vqa_validation_questions=4, instruction_samples=8)

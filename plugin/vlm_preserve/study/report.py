@@ -182,6 +182,66 @@ def seed_markdown(rows_: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def mechanism_rows(runs: dict) -> list[dict]:
+    """Per method with mechanism items (study/mechanism.py), seed-averaged per item: RDD's MMD² after − before
+    tuning and against the same seeds' Full-Tuning, PRe's cosine to the anchor (and against Full-Tuning), diagnose's
+    set-level metrics before → after (mean over seeds), easy-vqa on yes/no and on other questions (CIs over items)."""
+    full, out = runs.get("full", []), []
+    for method in sorted(runs, key=_order):
+        recs = runs[method]
+        after = per_item(recs, "mechanism", "mmd2_after")
+        if not after:
+            continue
+        seeds = sorted(r["seed"] for r in recs)
+        same = [r for r in full if r["seed"] in seeds]
+        row = {"method": method, "seeds": seeds,
+               "d_mmd2": paired_bootstrap(after, per_item(recs, "mechanism", "mmd2_before")),
+               "pre_cos": _ci_of_mean(per_item(recs, "mechanism", "pre_cos"))}
+        if method != "full" and len(same) == len(seeds) and per_item(same, "mechanism", "mmd2_after"):
+            row["mmd2_vs_full"] = paired_bootstrap(after, per_item(same, "mechanism", "mmd2_after"))
+            row["cos_vs_full"] = paired_bootstrap(per_item(recs, "mechanism", "pre_cos"),
+                                                  per_item(same, "mechanism", "pre_cos"))
+        for part in ("yes_no", "other"):
+            keep = [x["yes_no"] == (part == "yes_no") for x in recs[0]["items"]["vqa"]]
+            acc = [a for a, k in zip(per_item(recs, "vqa", "acc"), keep) if k]
+            row[f"vqa_{part}"] = _ci_of_mean(acc) if acc else None
+        diags = [r["diagnose"] for r in recs if r.get("diagnose")]
+        if diags:
+            row["layers"] = diags[0]["layers"]
+            for key, metric, series, i in (("dist0", "mixing", "pairwise_distance", 0),
+                                           ("effdim", "effdim", "effective_dim", 1),
+                                           ("redundancy", "redundancy", "redundancy", 1)):
+                row[key] = tuple(statistics.mean(d[when][metric][series][i] for d in diags)
+                                 for when in ("before", "after"))
+        out.append(row)
+    return out
+
+
+def mechanism_markdown(rows_: list[dict]) -> str:
+    if not rows_:
+        return "No run has mechanism items yet.\n"
+    layer = rows_[0].get("layers", [0, "?"])[1]
+    head = ("| method | seeds | Δ MMD² text–visual at input, after − before (95% CI) | MMD² vs same-seed full | "
+            f"cosine of visual tokens to the anchor, hidden state {layer} (95% CI) | cosine vs same-seed full | "
+            f"text–visual distance at input, before → after | effective dim. (state {layer}) | "
+            f"redundancy (state {layer}) | easy-vqa yes/no | easy-vqa other |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+    def acc(t):
+        return "{:.3f} [{:.3f}, {:.3f}]".format(*t) if t else "—"
+
+    def pair(t, f):
+        return f"{t[0]:{f}} → {t[1]:{f}}" if t else "—"
+    lines = []
+    for r in rows_:
+        cos = r["pre_cos"]
+        lines.append(f"| {r['method']} | {','.join(map(str, r['seeds']))} | {ci(r['d_mmd2'])} | "
+                     f"{ci(r.get('mmd2_vs_full'))} | {cos[0]:.3f} [{cos[1]:.3f}, {cos[2]:.3f}] | "
+                     f"{ci(r.get('cos_vs_full'))} | {pair(r.get('dist0'), '.2f')} | {pair(r.get('effdim'), '.0f')} | "
+                     f"{pair(r.get('redundancy'), '.3f')} | {acc(r.get('vqa_yes_no'))} | {acc(r.get('vqa_other'))} |")
+    return head + "\n".join(lines) + "\n"
+
+
 def plot(table: list[dict], path: Path) -> None:
     """Language (Δ chat NLL vs the base LLM, lower is better) against easy-vqa accuracy: one point per method with
     95% CI bars on both axes, the merge α sweep as a line from Full-Tuning."""
@@ -235,5 +295,7 @@ def write(runs_dir: Path, md: Path) -> Path:
     page = md.read_text()
     if "<!-- generated:seeds -->" in page:
         fill(md, "seeds", seed_markdown(seed_rows(runs)))
+    if "<!-- generated:mechanism -->" in page:
+        fill(md, "mechanism", mechanism_markdown(mechanism_rows(runs)))
     plot(table, png)
     return png

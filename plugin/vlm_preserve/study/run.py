@@ -81,6 +81,10 @@ class StudyConfig:
     instruction_samples: int = 4000
     save_steps: int = 250
     bf16: bool = True                   # bf16 autocast where a GPU runs it (CPU: always fp32)
+    keep_models: bool = False           # keep every tuned run's weights in <out>/models (merges stacked on a method
+                                        # later need them; Full-Tuning's is kept anyway where merge is a method)
+    mechanism: bool = True              # each tuned run also measures RDD's and PRe's quantities and diagnose's
+                                        # metrics against its pre-tuning anchor (study/mechanism.py)
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS and m not in ("merge", "base")]
@@ -310,6 +314,20 @@ class Study:
                 res["vqa"] = vqa_eval(vlm, d["tok"], d["test"], d["test_f"], d["answers"], progress=bar)
         return res
 
+    def mechanism(self, vlm, seed: int, res: dict) -> dict | None:
+        """With `mechanism` on: the per-item quantities into `res["mechanism"]`; returns diagnose's metrics."""
+        if not self.cfg.mechanism:
+            return None
+        from .mechanism import measure
+        from .model import build_vlm
+        llm = self.load_llm()
+        anchor = build_vlm(llm, self.image_token_id(llm), seed=seed)
+        anchor.projector.load_state_dict(torch.load(self.stage1(seed)))
+        d = self.data()
+        res["mechanism"], diagnose = measure(vlm.to(self.device), anchor.to(self.device), d["tok"], d["test"],
+                                             d["test_f"])
+        return diagnose
+
     def language_nll(self, llm, split: str) -> dict:
         """{chat: per-item reply NLL and p_end1, text: per-document NLL} on the `split` items."""
         d, tok = self.data(), self.data()["tok"]
@@ -331,7 +349,7 @@ class Study:
     def path(self, run: str) -> Path:
         return self.runs_dir / f"{run}.json"
 
-    def write(self, run: str, method: str, seed, result: dict, wall: float, history=None) -> dict:
+    def write(self, run: str, method: str, seed, result: dict, wall: float, history=None, diagnose=None) -> dict:
         rec = {"run": run, "method": method, "seed": seed, "setting": self.settings().get(method, {}),
                "wall_s": round(wall, 1),
                "config": dataclasses.asdict(self.cfg), "sources": _sources(self.cfg),
@@ -339,6 +357,8 @@ class Study:
                "cpu_gflops": cpu_gflops(), "torch_threads": torch.get_num_threads(),
                "summary": summarize(result), "items": result,
                "train_log": [r for r in (history or []) if "loss" in r][-20:]}
+        if diagnose is not None:
+            rec["diagnose"] = diagnose
         tmp = self.path(run).with_suffix(".tmp")
         tmp.write_text(json.dumps(rec))
         os.replace(tmp, self.path(run))
@@ -370,9 +390,10 @@ class Study:
                     self.progress(f"eval:{run}")
                     t0 = time.time()
                     res = self.evaluate(vlm.llm, vlm, label=run)
-                    if method == "full" and "merge" in self.cfg.methods:
+                    diagnose = self.mechanism(vlm, seed, res)
+                    if self.cfg.keep_models or (method == "full" and "merge" in self.cfg.methods):
                         self._save_full(vlm, run)
-                    self.write(run, method, seed, res, wall + time.time() - t0, history)
+                    self.write(run, method, seed, res, wall + time.time() - t0, history, diagnose)
                     shutil.rmtree(self.out / "ckpt" / run, ignore_errors=True)
                     done.append(run)
                 if method == "full" and "merge" in self.cfg.methods:
@@ -437,7 +458,9 @@ class Study:
             merged = {k: (v.float() + a * sparsify(base[k].float() - v.float(), "none", 1.0)).to(v.dtype)
                       for k, v in tuned.items()}
             vlm.llm.load_state_dict(merged)
-            self.write(run, f"merge_a{a}", seed, self.evaluate(vlm.llm, vlm, label=run), time.time() - t0)
+            res = self.evaluate(vlm.llm, vlm, label=run)
+            diagnose = self.mechanism(vlm, seed, res)
+            self.write(run, f"merge_a{a}", seed, res, time.time() - t0, diagnose=diagnose)
             done.append(run)
         vlm.llm.load_state_dict(tuned)
         return done
@@ -467,6 +490,9 @@ def summarize(res: dict) -> dict:
                  language_logp=mean(r["logp"] for r in res["language"]))
     if res.get("validation"):
         s["validation_acc"] = mean(r["acc"] for r in res["validation"])
+    if res.get("mechanism"):
+        for k in ("mmd2_before", "mmd2_after", "pre_cos"):
+            s[k] = mean(r[k] for r in res["mechanism"])
     if "vqa" in res:
         s["vqa_acc"] = mean(r["acc"] for r in res["vqa"])
         s["vqa_yes_no_acc"] = mean(r["acc"] for r in res["vqa"] if r["yes_no"])
