@@ -26,7 +26,8 @@ def base_args(tiny_llava, tmp_path_factory):
 
 @needs_llava
 @pytest.mark.parametrize("extra,message", [
-    (["--regularizer", "rdd,mmd"], "unknown term 'mmd'; choose from: none, rdd, pre, distill, soft_label, attention_tuning"),
+    (["--regularizer", "soft_label,dft"], "soft_label and dft each replace the LM loss; enable one of them"),
+    (["--regularizer", "rdd,mmd"], "unknown term 'mmd'; choose from: none, rdd, pre, distill, soft_label, dft, attention_tuning"),
     (["--regularizer", "pre", "--pre_layer", "40"], "--pre_layer 40 is out of range for a 4-layer LLM (use 0..3 or 'middle')"),
     (["--regularizer", "rdd", "--rdd_weight", "-1"], "--rdd_weight -1.0 is negative"),
     (["--regularizer", "pre", "--pre_weight", "-0.5"], "--pre_weight -0.5 is negative"),

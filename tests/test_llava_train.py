@@ -18,7 +18,7 @@ from helpers.llava_models import weights
 pytestmark = needs_llava
 
 TERMS = {"rdd": ["rdd_loss"], "pre": ["pre_loss"], "rdd,pre": ["rdd_loss", "pre_loss"],
-         "soft_label": ["soft_label_loss"], "attention_tuning": []}
+         "soft_label": ["soft_label_loss"], "dft": ["dft_loss"], "attention_tuning": []}
 
 
 def test_none_is_bit_identical_to_plain_upstream(tiny_llava, tmp_path):
@@ -34,7 +34,7 @@ RUNS = [
     ("rdd", ["--rdd_kernel", "rbf"]), ("rdd", ["--rdd_kernel", "linear"]), ("rdd", ["--rdd_kernel", "poly"]),
     ("rdd", ["--rdd_kernel", "l2"]), ("pre", ["--pre_anchor", "pre_llm"]), ("pre", ["--pre_anchor", "pre_proj"]),
     ("rdd,pre", []), ("attention_tuning", []), ("soft_label", ["--soft_label_variant", "uniform"]),
-    ("soft_label", ["--soft_label_variant", "dynamic", "--soft_label_alpha", "0.2"]),
+    ("soft_label", ["--soft_label_variant", "dynamic", "--soft_label_alpha", "0.2"]), ("dft", []),
 ]
 
 

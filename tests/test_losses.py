@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from vlm_preserve.capture import StepCapture
 from vlm_preserve.regularizers.pre import PReConfig, PReHead, head_pre_loss, pre_loss
 from vlm_preserve.regularizers.rdd import RDD, RDDConfig, mean_heuristic_sigma2, mmd2, subsample
+from vlm_preserve.regularizers.dft import dft_loss
 from vlm_preserve.regularizers.soft_label import soft_label_loss
 
 from helpers import pre_checkpointed, rdd_checkpointed
@@ -439,3 +440,28 @@ def test_pre_zero3_gathers_the_head_once_per_pass_and_equals_the_default_path(mo
     head.requires_grad_(False)
     head_pre_loss(head, h, anchor, chunk=700).backward()
     assert events == [("gather", 4), ("release", 0), ("gather", 4), ("release", 0)]
+
+
+def test_dft_is_each_tokens_cross_entropy_scaled_by_its_detached_probability():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    labels = torch.tensor([[-100, 3, 1, -100, 4], [-100, -100, 2, 6, 0]])
+    loss = dft_loss(logits, labels)
+    terms = []
+    for b in range(2):
+        for t in range(4):
+            y = labels[b, t + 1].item()
+            if y != -100:
+                lp = torch.log_softmax(logits[b, t], -1)[y]
+                terms.append(-lp.detach().exp() * lp)
+    ref = torch.stack(terms).mean()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    (g,) = torch.autograd.grad(loss, logits)
+    (gr,) = torch.autograd.grad(ref, logits)
+    assert torch.allclose(g, gr, atol=1e-7)
+    # the gradient of each token is p times cross-entropy's: a confident token pulls at full strength, an unlikely one hardly
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), reduction="sum")
+    (gce,) = torch.autograd.grad(ce, logits)
+    p = torch.softmax(logits[0, 0].detach(), -1)[labels[0, 1]]          # position 0 predicts token 1
+    assert torch.allclose(g[0, 0], gce[0, 0] * p / len(terms), atol=1e-7)
+    assert dft_loss(logits, torch.full((2, 5), -100)).item() == 0.0

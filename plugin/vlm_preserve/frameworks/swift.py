@@ -16,9 +16,9 @@ from pathlib import Path
 
 ENV = "VLM_PRESERVE"
 TASK = "causal_lm"  # the TrainerFactory key `swift sft` builds its trainer from
-# distill and soft_label read the logits and labels of every response position; ms-swift's logits_to_keep (its
+# distill, soft_label and dft read the logits and labels of every response position; ms-swift's logits_to_keep (its
 # default for multimodal models on transformers 5) computes the logits of a suffix only and cuts the labels to it
-FULL_LOGITS = ("distill", "soft_label")
+FULL_LOGITS = ("distill", "soft_label", "dft")
 
 
 def plugin_path() -> str:

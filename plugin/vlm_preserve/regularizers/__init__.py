@@ -18,6 +18,7 @@ from .rdd import RDD, RDDConfig
 from .pre import PRe, PReConfig
 from .distill import Distill, DistillConfig
 from .soft_label import SoftLabel, SoftLabelConfig
+from .dft import DFT
 from .attention_tuning import AttentionTuning
 
 
@@ -43,6 +44,10 @@ def validate(configs: dict, given: set[str] | None = None) -> list[str]:
     `configs` maps dataclass type -> instance; `given` is the set of flags the user passed (the CLI knows
     it); without it, a field differing from its default counts as given."""
     names = parse_names(configs[PreserveArguments].regularizer)
+    replacing = [n for n in names if REGISTRY[n].replaces_lm_loss]
+    if len(replacing) > 1:
+        raise ConfigError(f"--regularizer {configs[PreserveArguments].regularizer}: {' and '.join(replacing)} each "
+                          "replace the LM loss; enable one of them.")
     choice("--nonfinite_terms", configs[PreserveArguments].nonfinite_terms, NONFINITE)
     for method, m in REGISTRY.items():
         cls = m.config_class
@@ -134,5 +139,5 @@ def _nonfinite(values: list) -> list[bool]:
 
 
 __all__ = ["REGISTRY", "Method", "ModelDims", "SetupContext", "register", "config_classes", "HEADS_PREFIX",
-           "Preserver", "parse_names", "validate", "RDD", "PRe", "Distill", "SoftLabel", "AttentionTuning",
+           "Preserver", "parse_names", "validate", "RDD", "PRe", "Distill", "SoftLabel", "DFT", "AttentionTuning",
            "RDDConfig", "PReConfig", "DistillConfig", "SoftLabelConfig", "PreserveArguments"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .evaluate import bootstrap, mean, paired_bootstrap, recovery
 
-ORDER = ["base", "full", "attention_tuning", "lora", "soft_label", "mix", "merge", "rdd_rbf", "rdd_linear", "rdd_l2",
+ORDER = ["base", "full", "attention_tuning", "lora", "soft_label", "dft", "mix", "merge", "rdd_rbf", "rdd_linear", "rdd_l2",
          "pre", "distill", "rdd_pre"]
 
 

@@ -31,6 +31,7 @@ METHODS = {
     "attention_tuning": {"regularizer": "attention_tuning"},
     "lora": {"lora": True},
     "soft_label": {"regularizer": "soft_label"},
+    "dft": {"regularizer": "dft"},
     "mix": {"data": "mix"},
     "rdd_rbf": {"regularizer": "rdd", "set": {"rdd_kernel": "rbf"}},
     "rdd_linear": {"regularizer": "rdd", "set": {"rdd_kernel": "linear"}},
