@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -797,3 +798,34 @@ def test_the_mechanism_table_compares_before_after_and_with_the_same_seeds_full_
     assert rdd["effdim"] == (1.0, 2.0) and rdd["dist0"] == (1.0, 2.0)
     md = mechanism_markdown(rows_)
     assert md.count("\n") == 4 and "| rdd_rbf | 0 | -0.500 [" in md and "1 → 2" in md
+
+
+def test_auto_merge_rows_follow_the_rule_on_validation_and_draw_their_curve(tiny_study, tmp_path):
+    from vlm_preserve.offline.merge_auto import choose
+    from vlm_preserve.study.report import write
+    from vlm_preserve.study.run import Study
+    cfg = tiny_study(methods=("full", "mix"), merge_sources=("full", "mix"), keep_models=True, merge_grid=(0.5, 1.0))
+    assert Study(cfg).run() == ["base", "full_s0", "mix_s0", "merge_full_s0", "merge_mix_s0"]
+    rec = json.loads(Study(cfg).path("merge_full_s0").read_text())
+    m = rec["merge"]
+    assert rec["method"] == "merge_full" and [p["alpha"] for p in m["curve"]] == [0.5, 1.0]
+    chosen = choose([dict(p) for p in m["curve"]], m["reference"]["vqa"], 0.01)
+    assert m["alpha"] == (chosen["alpha"] if chosen else 0.0)
+    assert len(rec["items"]["chat"]) == 4 and len(rec["items"]["mechanism"]) == rec["summary"]["vqa_n"]
+    md = tmp_path / "page.md"
+    md.write_text("<!-- generated:table -->\n<!-- /generated:table -->\n<!-- generated:merge -->\n"
+                  "<!-- /generated:merge -->\n<!-- generated:mechanism -->\n<!-- /generated:mechanism -->\n")
+    write(Path(cfg.out) / "runs", md)
+    page = md.read_text()
+    assert "| merge_full | full_s0 |" in page and "| merge_mix | mix_s0 |" in page and "| merge_full | 0 |" in page
+    assert (tmp_path / "page-merge" / "merge_full_s0.png").read_bytes()[:4] == b"\x89PNG"
+    first, png = md.read_bytes(), (tmp_path / "page-merge" / "merge_mix_s0.png").read_bytes()
+    write(Path(cfg.out) / "runs", md)
+    assert md.read_bytes() == first and (tmp_path / "page-merge" / "merge_mix_s0.png").read_bytes() == png
+
+
+def test_auto_merge_without_the_sources_model_says_how_to_keep_it(tiny_study):
+    from vlm_preserve.study.run import Study
+    Study(tiny_study(methods=("full",))).run()
+    with pytest.raises(RuntimeError, match="run the method with --keep-models"):
+        Study(tiny_study(methods=("full",), merge_sources=("full",))).run()

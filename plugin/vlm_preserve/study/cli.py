@@ -53,7 +53,7 @@ def config(args) -> StudyConfig:
             continue
         v = getattr(args, f.name)
         if isinstance(f.default, tuple):
-            cast = float if f.name == "merge_alphas" else (int if f.name == "seeds" else str)
+            cast = float if f.name in ("merge_alphas", "merge_grid") else (int if f.name == "seeds" else str)
             v = tuple(cast(x) for x in str(v).split(",") if x)
         kw[f.name] = v
     if getattr(args, "regime", None):

@@ -56,7 +56,7 @@ def per_item(recs: list[dict], part: str, key: str) -> list[float]:
 
 
 def _order(method: str):
-    family = method.split("_a")[0]
+    family = "merge" if method.startswith("merge") else method
     return (ORDER.index(family) if family in ORDER else 99, method)
 
 
@@ -274,6 +274,29 @@ def plot(table: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def merge_curves(runs: dict, folder: Path, rel: str) -> str:
+    """Each auto-merge run's validation curve (study/run.py's auto_merge) as a table row and a Pareto-front PNG in
+    `folder` (linked as `rel`/NAME)."""
+    from ..offline.merge_auto import choose, plot
+    recs = [r for m in sorted(runs, key=_order) for r in runs[m] if r.get("merge")]
+    if not recs:
+        return "No auto-merge run yet.\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["| row | source run | α chosen | validation: recovery at α | easy-vqa at α (source) | curve |",
+             "|---|---|---|---|---|---|"]
+    for r in recs:
+        m = r["merge"]
+        pts = [dict(p) for p in m["curve"]]
+        chosen = choose(pts, m["reference"]["vqa"], m["vqa_budget"])
+        name = f"{r['method']}_s{r['seed']}.png"
+        plot(pts, m["reference"]["vqa"], m["vqa_budget"], chosen, folder / name,
+             f"{r['method']} seed {r['seed']}: validation, budget {m['vqa_budget']:g}")
+        at = f"{chosen['recovery']:+.0%} | {chosen['vqa']:.3f} ({m['reference']['vqa']:.3f})" if chosen else \
+            f"— (none within the budget: not merged) | — ({m['reference']['vqa']:.3f})"
+        lines.append(f"| {r['method']} | {m['source']} | {m['alpha']:g} | {at} | [{name}]({rel}/{name}) |")
+    return "\n".join(lines) + "\n"
+
+
 def fill(md: Path, block: str, text: str) -> None:
     """Replace the generated block `block` in `md` (or write `text` alone where the file has no such block)."""
     start, end = f"<!-- generated:{block} -->", f"<!-- /generated:{block} -->"
@@ -295,6 +318,8 @@ def write(runs_dir: Path, md: Path) -> Path:
     page = md.read_text()
     if "<!-- generated:seeds -->" in page:
         fill(md, "seeds", seed_markdown(seed_rows(runs)))
+    if "<!-- generated:merge -->" in page:
+        fill(md, "merge", merge_curves(runs, md.parent / f"{md.stem}-merge", f"{md.stem}-merge"))
     if "<!-- generated:mechanism -->" in page:
         fill(md, "mechanism", mechanism_markdown(mechanism_rows(runs)))
     plot(table, png)

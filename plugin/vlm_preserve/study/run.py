@@ -70,6 +70,12 @@ class StudyConfig:
     batch: int = 8
     mix_fraction: float = 0.2
     merge_alphas: tuple = (0.25, 0.5, 0.75)
+    # merge --alpha auto stacked on each of these methods' runs: row merge_<method> (merge_full is WiSE-FT, the
+    # interpolation with the base LLM), α chosen on validation items from merge_grid by offline/merge_auto.py's rule
+    # with a VQA budget of merge_vqa_budget; needs the methods' models kept (keep_models) or in this same run
+    merge_sources: tuple = ()
+    merge_grid: tuple = (0.25, 0.5, 0.75, 1.0)
+    merge_vqa_budget: float = 0.01
     lora_rank: int = 16
     report_cap: int = 25                # with --bigbench-tarball: questions per report task (fixed subset)
     validation_cap: int = 0             # with --bigbench-tarball: questions per validation task (0: none)
@@ -93,6 +99,9 @@ class StudyConfig:
             raise ValueError(f"unknown methods {unknown}; choose from base, merge, {', '.join(METHODS)}")
         if "merge" in self.methods and "full" not in self.methods:
             raise ValueError("merge is computed from the full run: add full to the methods")
+        bad = [m for m in self.merge_sources if m not in METHODS]
+        if bad:
+            raise ValueError(f"--merge-sources {bad}: not methods; choose from {', '.join(METHODS)}")
         if not 0 <= self.mix_fraction < 1 or self.steps <= 0 or self.batch <= 0:
             raise ValueError("need 0 <= mix_fraction < 1, steps > 0, batch > 0")
         if self.schedule_steps and self.schedule_steps < self.steps:
@@ -350,7 +359,8 @@ class Study:
     def path(self, run: str) -> Path:
         return self.runs_dir / f"{run}.json"
 
-    def write(self, run: str, method: str, seed, result: dict, wall: float, history=None, diagnose=None) -> dict:
+    def write(self, run: str, method: str, seed, result: dict, wall: float, history=None, diagnose=None,
+              **extra) -> dict:
         rec = {"run": run, "method": method, "seed": seed, "setting": self.settings().get(method, {}),
                "wall_s": round(wall, 1),
                "config": dataclasses.asdict(self.cfg), "sources": _sources(self.cfg),
@@ -360,6 +370,7 @@ class Study:
                "train_log": [r for r in (history or []) if "loss" in r][-20:]}
         if diagnose is not None:
             rec["diagnose"] = diagnose
+        rec.update(extra)
         tmp = self.path(run).with_suffix(".tmp")
         tmp.write_text(json.dumps(rec))
         os.replace(tmp, self.path(run))
@@ -399,6 +410,8 @@ class Study:
                     done.append(run)
                 if method == "full" and "merge" in self.cfg.methods:
                     done += self.merges(vlm, seed)
+            for source in self.cfg.merge_sources:
+                done += self.auto_merge(source, seed)
         return done
 
     def settings(self) -> dict:
@@ -432,16 +445,68 @@ class Study:
                                "with its merges")
 
     def _load_full(self, seed: int):
-        """The saved Full-Tuning VLM of `seed`, or None where its model file is absent."""
+        return self._load_model(f"full_s{seed}", seed)
+
+    def _load_model(self, run: str, seed: int):
+        """The saved VLM of `run`, or None where its model file is absent."""
         from safetensors.torch import load_model
 
         from .model import build_vlm
-        if not (self.out / "models" / f"full_s{seed}.safetensors").exists():
+        if not (self.out / "models" / f"{run}.safetensors").exists():
             return None
         llm = self.load_llm()
         vlm = build_vlm(llm, self.image_token_id(llm), seed=seed)
-        load_model(vlm, str(self.out / "models" / f"full_s{seed}.safetensors"))
+        load_model(vlm, str(self.out / "models" / f"{run}.safetensors"))
         return vlm
+
+    def auto_merge(self, source: str, seed: int) -> list[str]:
+        """Row merge_<source>: `vlm-preserve merge --alpha auto`'s rule (offline/merge_auto.py's `choose`) on the
+        source run's model, on validation items: VQA = validation easy-vqa accuracy, within merge_vqa_budget of the
+        source's own; language recovery = the mean, over chat replies and prose, of (nll(source) − nll(merged)) /
+        (nll(source) − nll(base LLM)), a metric where the source is no worse than the base LLM left out (nothing
+        to recover there). The chosen α is then scored on the report items; the curve is stored in the json."""
+        from ..offline.merge import sparsify
+        from ..offline.merge_auto import choose, recovery
+        run = f"merge_{source}_s{seed}"
+        if self.path(run).exists():
+            return []
+        vlm = self._load_model(f"{source}_s{seed}", seed)
+        if vlm is None:
+            raise RuntimeError(f"{run}: the model of {source}_s{seed} is not in {self.out / 'models'}; run the "
+                               f"method with --keep-models (its json alone cannot be merged)")
+        self.progress(f"eval:{run}")
+        t0 = time.time()
+        llm = self.load_llm()
+        base = llm.state_dict()
+        base_nll = {p: mean(x["nll"] for x in v) for p, v in self.language_nll(llm, "validation").items()}
+        tuned = {k: v.detach().clone() for k, v in vlm.llm.state_dict().items()}
+
+        def at(a: float) -> dict:
+            vlm.llm.load_state_dict({k: (v.float() + a * sparsify(base[k].float() - v.float(), "none", 1.0)).to(v.dtype)
+                                     for k, v in tuned.items()})
+            r = self.validation_eval(vlm)
+            return {"alpha": a, "density": 1.0, "vqa": mean(x["acc"] for x in r["vqa"]),
+                    **{f"{p}_nll": mean(x["nll"] for x in r[p]) for p in ("chat", "text")}}
+        ref = at(0.0)
+        lost = [p for p in ("chat", "text") if ref[f"{p}_nll"] > base_nll[p]]
+        points = []
+        for a in self.cfg.merge_grid:
+            pt = at(a)
+            pt["recovery"] = mean(recovery(ref[f"{p}_nll"], pt[f"{p}_nll"], base_nll[p]) for p in lost) if lost \
+                else float("nan")
+            points.append(pt)
+            print(f"[study] {run}: α {a:g} on validation: recovery {pt['recovery']:+.1%}, easy-vqa {pt['vqa']:.3f} "
+                  f"(source {ref['vqa']:.3f})", flush=True)
+        chosen = choose(points, ref["vqa"], self.cfg.merge_vqa_budget)
+        alpha = chosen["alpha"] if chosen else 0.0
+        vlm.llm.load_state_dict({k: (v.float() + alpha * sparsify(base[k].float() - v.float(), "none", 1.0)).to(v.dtype)
+                                 for k, v in tuned.items()})
+        res = self.evaluate(vlm.llm, vlm, label=run)
+        diagnose = self.mechanism(vlm, seed, res)
+        self.write(run, f"merge_{source}", seed, res, time.time() - t0, diagnose=diagnose,
+                   merge={"source": f"{source}_s{seed}", "alpha": alpha, "vqa_budget": self.cfg.merge_vqa_budget,
+                          "reference": ref, "base_validation_nll": base_nll, "curve": points})
+        return [run]
 
     def merges(self, vlm, seed: int) -> list[str]:
         """ModelMerge: θ = θ_vlm + α·(θ_llm − θ_vlm) on the language model (projector kept), sparsifier `none`,
