@@ -24,6 +24,7 @@ import sys
 import torch
 import transformers
 
+from helpers.distributed_runs import leave_worker
 from vlm_preserve import DistillConfig, add_language_monitor, attach
 from vlm_preserve.regularizers import pre
 
@@ -156,12 +157,8 @@ def main(argv):
             with open(os.path.join(out, "result.json"), "w") as f:
                 json.dump(result, f)
         print(f"[worker rank {rank}] {reg} done", flush=True)
-    # Left to interpreter exit, gloo's threads can outlive the group and abort the process after every run has
-    # finished ("terminate called without an active exception", SIGABRT on rank 0, once failed CI).
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    leave_worker()

@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from helpers.distributed_runs import leave_worker
 from helpers.llava_models import build_model_and_batch
 from vlm_preserve import DistillConfig, attach
 from vlm_preserve.testing.fixtures import TinyLlavaFixture
@@ -64,12 +65,8 @@ def main(root: str, out: str, stage: int) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(rows, f)
-    if stage:
-        # torn down explicitly: left to interpreter exit, a rank once aborted ("terminate called without an active
-        # exception", SIGABRT) after its results were written, failing the launch
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    leave_worker()
