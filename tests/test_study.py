@@ -824,8 +824,20 @@ def test_auto_merge_rows_follow_the_rule_on_validation_and_draw_their_curve(tiny
     assert md.read_bytes() == first and (tmp_path / "page-merge" / "merge_mix_s0.png").read_bytes() == png
 
 
-def test_auto_merge_without_the_sources_model_says_how_to_keep_it(tiny_study):
+def test_auto_merge_retrains_a_source_whose_model_was_not_kept(tiny_study, capsys):
     from vlm_preserve.study.run import Study
     Study(tiny_study(methods=("full",))).run()
-    with pytest.raises(RuntimeError, match="run the method with --keep-models"):
-        Study(tiny_study(methods=("full",), merge_sources=("full",))).run()
+    cfg = tiny_study(methods=("full",), merge_sources=("full",))
+    model = Path(cfg.out) / "models" / "full_s0.safetensors"
+    assert not model.exists()
+    before = Study(cfg).path("full_s0").read_bytes()
+    assert Study(cfg).run() == ["merge_full_s0"]
+    out = capsys.readouterr().out
+    assert "full_s0: its model was not kept; retraining it" in out and "training losses within 0.00%" in out
+    assert model.exists() and Study(cfg).path("full_s0").read_bytes() == before   # the committed json untouched
+
+
+def test_auto_merge_of_a_method_never_run_says_what_to_add(tiny_study):
+    from vlm_preserve.study.run import Study
+    with pytest.raises(RuntimeError, match="mix_s0 has not been run.*add mix to --methods"):
+        Study(tiny_study(methods=("full",), merge_sources=("mix",))).run()

@@ -392,18 +392,14 @@ class Study:
                 if self.path(run).exists() and not (method == "full" and self._merge_missing(seed)):
                     continue
                 if self.path(run).exists():  # full done, merges missing: reload the saved full model
-                    vlm = self._load_full(seed)
-                    if vlm is None:  # its model was not kept (another machine): retrain it, keep the json
-                        vlm, history, _ = self.stage2(method, seed)
-                        self._check_same_history(run, history)
-                        self._save_full(vlm, run)
+                    vlm = self._kept_or_retrained(method, seed)
                 else:
                     vlm, history, wall = self.stage2(method, seed, setting=self.settings().get(method))
                     self.progress(f"eval:{run}")
                     t0 = time.time()
                     res = self.evaluate(vlm.llm, vlm, label=run)
                     diagnose = self.mechanism(vlm, seed, res)
-                    if self.cfg.keep_models or (method == "full" and "merge" in self.cfg.methods):
+                    if self.cfg.keep_models or method in self.cfg.merge_sources or (method == "full" and "merge" in self.cfg.methods):
                         self._save_full(vlm, run)
                     self.write(run, method, seed, res, wall + time.time() - t0, history, diagnose)
                     shutil.rmtree(self.out / "ckpt" / run, ignore_errors=True)
@@ -444,8 +440,18 @@ class Study:
                                f"(largest relative difference {diff:.2%}): delete {self.path(run)} to redo the run "
                                "with its merges")
 
-    def _load_full(self, seed: int):
-        return self._load_model(f"full_s{seed}", seed)
+    def _kept_or_retrained(self, method: str, seed: int):
+        """The model of a run whose json is committed: its kept file, or (not kept: another machine, or run without
+        --keep-models) retrained at the same setting, checked against the json's losses, and kept from then on."""
+        run = f"{method}_s{seed}"
+        vlm = self._load_model(run, seed)
+        if vlm is None:
+            print(f"[study] {run}: its model was not kept; retraining it (its json stays)", flush=True)
+            vlm, history, _ = self.stage2(method, seed, setting=self.settings().get(method))
+            self._check_same_history(run, history)
+            self._save_full(vlm, run)
+            shutil.rmtree(self.out / "ckpt" / run, ignore_errors=True)
+        return vlm
 
     def _load_model(self, run: str, seed: int):
         """The saved VLM of `run`, or None where its model file is absent."""
@@ -470,10 +476,10 @@ class Study:
         run = f"merge_{source}_s{seed}"
         if self.path(run).exists():
             return []
-        vlm = self._load_model(f"{source}_s{seed}", seed)
-        if vlm is None:
-            raise RuntimeError(f"{run}: the model of {source}_s{seed} is not in {self.out / 'models'}; run the "
-                               f"method with --keep-models (its json alone cannot be merged)")
+        if not self.path(f"{source}_s{seed}").exists():
+            raise RuntimeError(f"{run}: {source}_s{seed} has not been run (no {self.path(f'{source}_s{seed}')}); "
+                               f"add {source} to --methods, or drop it from --merge-sources")
+        vlm = self._kept_or_retrained(source, seed)
         self.progress(f"eval:{run}")
         t0 = time.time()
         llm = self.load_llm()
