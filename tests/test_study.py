@@ -692,6 +692,9 @@ def test_selection_rule_best_admitted_recovery_tie_to_default_none_admitted_keep
     before = page
     select.report(d, md, "strong")
     assert md.read_text() == before                                          # regenerated: the same bytes
+    from vlm_preserve.study.run import Study, StudyConfig
+    settings = Study(StudyConfig(out=str(tmp_path / "out"), select_dir=str(d), tiny=True)).settings()
+    assert settings["rdd_pre"] == {"rdd_weight": 1.0, "pre_weight": 5.0}   # each term at its own choice
 
 
 def test_a_run_stopped_early_is_the_longer_schedules_checkpoint(tiny_study):

@@ -411,11 +411,15 @@ class Study:
         return done
 
     def settings(self) -> dict:
-        """{method: setting} chosen by the selection sweep in `select_dir` ({} without one)."""
+        """{method: setting} chosen by the selection sweep in `select_dir` ({} without one). RDD+PRe is not swept
+        (its grid would be the product of both): it runs each term at the setting chosen for it alone."""
         if not self.cfg.select_dir:
             return {}
         from .select import chosen_settings
-        return chosen_settings(Path(self.cfg.select_dir))
+        chosen = chosen_settings(Path(self.cfg.select_dir))
+        if "rdd_rbf" in chosen or "pre" in chosen:
+            chosen["rdd_pre"] = {**chosen.get("rdd_rbf", {}), **chosen.get("pre", {})}
+        return chosen
 
     def _merge_missing(self, seed: int) -> bool:
         return "merge" in self.cfg.methods and any(not self.path(f"merge_a{a}_s{seed}").exists()

@@ -39,6 +39,7 @@ GRID = {
     "attention_tuning": [{}],
     "rdd_linear": [{}],
     "rdd_l2": [{}],
+    "dft": [{}],
 }
 
 
