@@ -844,3 +844,35 @@ def test_auto_merge_of_a_method_never_run_says_what_to_add(tiny_study):
     from vlm_preserve.study.run import Study
     with pytest.raises(RuntimeError, match="mix_s0 has not been run.*add mix to --methods"):
         Study(tiny_study(methods=("full",), merge_sources=("mix",))).run()
+
+
+def test_recommendation_ranks_rows_and_says_which_keep_language(tmp_path):
+    """Planted runs: a method that recovers everything in each seed `keeps`, one at Full-Tuning's loss is `no`, one
+    that recovers a little in every seed is `partly`; the order is by recovery, the flags are the row's setting."""
+    from vlm_preserve.study.report import recommend_markdown, write_recommendation
+    n = 30
+    base = [1.0 + 0.01 * i for i in range(n)]
+
+    def rec(method, seed, loss, vqa=0.7, setting=None):
+        noise = [0.002 * ((i * 7 + seed) % 5) for i in range(n)]
+        items = {"chat": [{"nll": b + loss + e, "p_end1": 0.1} for b, e in zip(base, noise)],
+                 "text": [{"nll": b + loss / 2 + e} for b, e in zip(base, noise)],
+                 "vqa": [{"acc": float(i < vqa * n), "yes_no": True} for i in range(n)]}
+        return {"method": method, "seed": seed, "setting": setting or {}, "items": items,
+                "summary": {"vqa_acc": vqa}, "wall_s": 1.0}
+    runs = {"base": [{"method": "base", "seed": None, "items": rec("base", 0, 0.0)["items"],
+                      "summary": {}, "wall_s": 1.0}],
+            "full": [rec("full", s, 1.0) for s in (0, 1)],
+            "distill": [rec("distill", s, 0.0, setting={"distill_weight": 1.0}) for s in (0, 1)],
+            "rdd_rbf": [rec("rdd_rbf", s, 1.0, vqa=0.9) for s in (0, 1)],
+            "pre": [rec("pre", s, 0.8, setting={"pre_weight": 0.05}) for s in (0, 1)]}
+    md = recommend_markdown(runs)
+    lines = md.splitlines()[2:]
+    assert [line.split(" | ")[1] for line in lines] == ["distill", "pre", "rdd_rbf"]
+    assert lines[0].startswith("| `--regularizer distill --distill_weight 1` |") and "| keeps |" in lines[0]
+    assert "| partly |" in lines[1] and "`--regularizer pre --pre_weight 0.05`" in lines[1]
+    assert "| no |" in lines[2] and "(higher)" in lines[2] and "(level)" in lines[0]
+    page = tmp_path / "README.md"
+    page.write_text("no block here\n")
+    with pytest.raises(ValueError, match="has no <!-- generated:recommend --> block"):
+        write_recommendation(tmp_path, page)

@@ -44,6 +44,9 @@ def add_arguments(p) -> None:
                                                           "--regime into this markdown file.")
     p.add_argument("--report", metavar="MD", help="Only write the table of the finished runs to this markdown "
                                                    "file (and a plot beside it); train nothing.")
+    p.add_argument("--recommend", metavar="MD", help="Only write the \"Which flag should I pass?\" table of the "
+                                                      "finished runs into this file's <!-- generated:recommend --> "
+                                                      "block (README.md); train nothing.")
 
 
 def config(args) -> StudyConfig:
@@ -90,9 +93,18 @@ def run(args) -> int:
         done = select.run(Study(cfg), d, args.regime, methods=methods, seed=cfg.seeds[0])
         print(f"[select] finished now: {', '.join(done) or 'nothing (all stored)'}")
         return 0
-    if args.report:
-        png = write(Path(cfg.runs_dir or Path(cfg.out) / "runs"), Path(args.report))
-        print(f"[study] wrote {args.report} and {png}")
+    if args.report or args.recommend:
+        runs_dir = Path(cfg.runs_dir or Path(cfg.out) / "runs")
+        if args.report:
+            png = write(runs_dir, Path(args.report))
+            print(f"[study] wrote {args.report} and {png}")
+        if args.recommend:
+            from .report import write_recommendation
+            try:
+                write_recommendation(runs_dir, Path(args.recommend))
+            except ValueError as e:
+                raise SystemExit(f"vlm-preserve study: {e}")
+            print(f"[study] wrote the recommendation into {args.recommend}")
         return 0
     from .run import Study
     if args.sweep:

@@ -309,6 +309,75 @@ def fill(md: Path, block: str, text: str) -> None:
     md.write_text(page)
 
 
+# How a reader gets each row's training: the flags (upstream's dataclass dialect, README: Flags) or the step to take.
+FLAGS = {"full": "", "attention_tuning": "--regularizer attention_tuning", "soft_label": "--regularizer soft_label",
+         "dft": "--regularizer dft", "rdd_rbf": "--regularizer rdd", "rdd_linear": "--regularizer rdd --rdd_kernel linear",
+         "rdd_l2": "--regularizer rdd --rdd_kernel l2", "pre": "--regularizer pre", "distill": "--regularizer distill",
+         "rdd_pre": "--regularizer rdd,pre", "lora": "--lora_enable True"}
+
+
+def _flag(method: str, setting: dict) -> str:
+    if method.startswith("merge_"):
+        return f"{_flag(method[6:], setting)}, then `vlm-preserve merge --alpha auto`"
+    if method == "mix":
+        return f"no flag: text-only instructions as {setting.get('mix_fraction', 0.2):g} of your samples"
+    flags = [FLAGS.get(method, method)] + [
+        f"--lora_r {v:g}" if k == "lora_rank" else f"--{k} {v:g}" if isinstance(v, float) else f"--{k} {v}"
+        for k, v in sorted(setting.items())]
+    flags = " ".join(f for f in flags if f)
+    return f"`{flags}`" if flags else "no flag (upstream as is)"
+
+
+def _verdict(points: list) -> str:
+    """One metric of one method, from its per-seed recoveries (point, low, high) against the same seed's
+    Full-Tuning: `keeps` where every seed's 95% CI is above 0 and the seed mean is at least 50%; `partly` where
+    every seed's CI is above 0 but the mean is below 50%; `no` otherwise (some seed no better than Full-Tuning)."""
+    if not points or any(p is None for p in points):
+        return "—"
+    if all(p[1] > 0 for p in points):
+        return "keeps" if statistics.mean(p[0] for p in points) >= 0.5 else "partly"
+    return "no"
+
+
+def recommend_markdown(runs: dict, margin: float = 0.02) -> str:
+    """"Which flag should I pass?": every row with two or more seeds, best first by the seed mean of its chat and
+    text recoveries; each metric's verdict by `_verdict`; easy-vqa against Full-Tuning's seed mean (within
+    `margin`, the selection rule's, counts as level)."""
+    rows_ = seed_rows(runs)
+    full_vqa = statistics.mean(r["vqa"] for r in rows_ if r["method"] == "full") if any(
+        r["method"] == "full" for r in rows_) else float("nan")
+    out = []
+    for m in dict.fromkeys(r["method"] for r in rows_):
+        if m == "full":
+            continue
+        rs = [r for r in rows_ if r["method"] == m]
+        chat, text = [r.get("rec_chat") for r in rs], [r.get("rec_text") for r in rs]
+        if any(x is None for x in chat + text):
+            continue
+        vqa = statistics.mean(r["vqa"] for r in rs)
+        level = "level" if abs(vqa - full_vqa) <= margin else ("higher" if vqa > full_vqa else "lower")
+        score = statistics.mean([p[0] for p in chat] + [p[0] for p in text])
+        setting = runs[m][0].get("setting") or {}
+        out.append((-score, f"| {_flag(m, setting)} | {m} | {len(rs)} | {_spread([p[0] for p in chat], 'pct')} | "
+                            f"{_verdict(chat)} | {_spread([p[0] for p in text], 'pct')} | {_verdict(text)} | "
+                            f"{vqa:.3f} vs {full_vqa:.3f} ({level}) |"))
+    head = ("| what to pass | row | seeds | chat recovery (mean ± sd over seeds) | chat kept? | text recovery | "
+            "text kept? | easy-vqa vs Full-Tuning |\n|---|---|---|---|---|---|---|---|\n")
+    return head + "\n".join(line for _, line in sorted(out)) + "\n"
+
+
+def write_recommendation(runs_dir: Path, md: Path) -> None:
+    """Only the `recommend` block of `md` (README's "Which flag should I pass?"); the page must have the block."""
+    try:
+        page = md.read_text() if md.exists() else ""
+    except UnicodeDecodeError:
+        raise ValueError(f"{md} is not a text file: pass the markdown page (README.md) to write into") from None
+    if "<!-- generated:recommend -->" not in page:
+        raise ValueError(f"{md} has no <!-- generated:recommend --> block: add the two marker lines "
+                         "(<!-- generated:recommend --> and <!-- /generated:recommend -->) where the table goes")
+    fill(md, "recommend", recommend_markdown(load_runs(runs_dir)))
+
+
 def write(runs_dir: Path, md: Path) -> Path:
     """The table into `md`'s generated block and the plot beside it (`<md stem>.png`); returns the plot's path."""
     runs = load_runs(runs_dir)
@@ -320,6 +389,8 @@ def write(runs_dir: Path, md: Path) -> Path:
         fill(md, "seeds", seed_markdown(seed_rows(runs)))
     if "<!-- generated:merge -->" in page:
         fill(md, "merge", merge_curves(runs, md.parent / f"{md.stem}-merge", f"{md.stem}-merge"))
+    if "<!-- generated:recommend -->" in page:
+        fill(md, "recommend", recommend_markdown(runs))
     if "<!-- generated:mechanism -->" in page:
         fill(md, "mechanism", mechanism_markdown(mechanism_rows(runs)))
     plot(table, png)
