@@ -399,7 +399,8 @@ class Study:
                     t0 = time.time()
                     res = self.evaluate(vlm.llm, vlm, label=run)
                     diagnose = self.mechanism(vlm, seed, res)
-                    if self.cfg.keep_models or method in self.cfg.merge_sources or (method == "full" and "merge" in self.cfg.methods):
+                    merged_later = method in self.cfg.merge_sources or (method == "full" and "merge" in self.cfg.methods)
+                    if self.cfg.keep_models or merged_later:
                         self._save_full(vlm, run)
                     self.write(run, method, seed, res, wall + time.time() - t0, history, diagnose)
                     shutil.rmtree(self.out / "ckpt" / run, ignore_errors=True)
