@@ -840,6 +840,24 @@ def test_auto_merge_retrains_a_source_whose_model_was_not_kept(tiny_study, capsy
     assert model.exists() and Study(cfg).path("full_s0").read_bytes() == before   # the committed json untouched
 
 
+def test_a_refused_retrain_leaves_no_checkpoint_to_resume_from(tiny_study):
+    """The committed json's losses planted 2x off: the retrain is refused, and its checkpoint is gone, so a later
+    fresh run of the same name starts over instead of resuming the refused training."""
+    from vlm_preserve.study.run import Study
+    Study(tiny_study(methods=("full",))).run()
+    cfg = tiny_study(methods=("full",), merge_sources=("full",))
+    path = Study(cfg).path("full_s0")
+    rec = json.loads(path.read_text())
+    assert rec["train_log"], "the run logged no training losses"
+    for r in rec["train_log"]:
+        r["loss"] *= 2
+    path.write_text(json.dumps(rec))
+    with pytest.raises(RuntimeError, match="did not reproduce its committed training losses"):
+        Study(cfg).run()
+    assert not (Path(cfg.out) / "ckpt" / "full_s0").exists()
+    assert not (Path(cfg.out) / "models" / "full_s0.safetensors").exists()
+
+
 def test_auto_merge_of_a_method_never_run_says_what_to_add(tiny_study):
     from vlm_preserve.study.run import Study
     with pytest.raises(RuntimeError, match="mix_s0 has not been run.*add mix to --methods"):

@@ -453,9 +453,10 @@ class Study:
         if vlm is None:
             print(f"[study] {run}: its model was not kept; retraining it (its json stays)", flush=True)
             vlm, history, _ = self.stage2(method, seed, setting=self.settings().get(method))
+            # before the check: a refused retrain must not leave a checkpoint that a fresh run would resume from
+            shutil.rmtree(self.out / "ckpt" / run, ignore_errors=True)
             self._check_same_history(run, history)
             self._save_full(vlm, run)
-            shutil.rmtree(self.out / "ckpt" / run, ignore_errors=True)
         return vlm
 
     def _load_model(self, run: str, seed: int):
