@@ -25,7 +25,10 @@ if [ -n "${VLM_PRESERVE_NVILA_SRC:-}" ]; then
   fi
   envs+=(nvila); elsewhere+=(--ignore=tests/test_nvila.py)
 fi
+# each environment's wall time, printed at the end, so a slow run says where its time went
+timings=()
 for env in "${envs[@]}"; do
+  started=$SECONDS
   bash scripts/setup_env.sh "$env"
   # the plugin itself, editable, so the environment has the console scripts (llava-train, vlm-preserve, ...)
   ".venv/$env/bin/python" -m pip --disable-pip-version-check -q install --no-deps -e .
@@ -54,5 +57,7 @@ for env in "${envs[@]}"; do
     ".venv/study/bin/vlm-preserve" demo --smoke --out "$smoke"
     rm -rf "$smoke"
   fi
+  timings+=("$env $((SECONDS - started)) s")
+  echo "[test] environment $env done in $((SECONDS - started)) s (set-up included)"
 done
-echo "[test] all environments passed: ${envs[*]}"
+echo "[test] all environments passed: ${envs[*]} ($(IFS=,; echo "${timings[*]}" | sed 's/,/, /g'); total ${SECONDS} s)"
