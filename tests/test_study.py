@@ -890,6 +890,8 @@ def test_recommendation_ranks_rows_and_says_which_keep_language(tmp_path):
     assert lines[0].startswith("| `--regularizer distill --distill_weight 1` |") and "| keeps |" in lines[0]
     assert "| partly |" in lines[1] and "`--regularizer pre --pre_weight 0.05`" in lines[1]
     assert "| no |" in lines[2] and "(higher)" in lines[2] and "(level)" in lines[0]
+    # unpaired, against Full-Tuning's seed mean: all of the loss recovered, and none of it
+    assert "| 100% ± 0% / 100% ± 0% |" in lines[0] and "| 0% ± 0% / 0% ± 0% |" in lines[2]
     page = tmp_path / "README.md"
     page.write_text("no block here\n")
     with pytest.raises(ValueError, match="has no <!-- generated:recommend --> block"):
