@@ -543,6 +543,9 @@ def test_seed_rows_compare_each_run_with_the_same_seeds_full_run():
     assert d1["rec_chat"][0] == pytest.approx(0.75)                                             # (1.5-3)/(1-3)
     md = seed_markdown(out)
     assert "| distill | 2 | +0.500 ± 0.000 | 62% ± 18% |" in md
+    # unpaired, against Full-Tuning's seed mean 2.5: (2.5 - 1.5) / (2.5 - 1); text lost nothing, so no recovery
+    assert d0["rec_chat_pooled"] == pytest.approx(2 / 3) and "rec_text_pooled" not in d0
+    assert "| 67% ± 0% / — |" in md
 
 
 def test_table_recovery_compares_with_the_full_runs_of_the_same_seeds():

@@ -149,8 +149,9 @@ def seed_rows(runs: dict) -> list[dict]:
                 f = per_item([full[rec["seed"]]], part, "nll") if rec["seed"] in full else []
                 if f and method != "full":
                     row[f"rec_{part}"] = recovery(m, f, b)
-                if part in pooled and method != "full":
-                    row[f"rec_{part}_pooled"] = (pooled[part] - statistics.mean(m)) / (pooled[part] - statistics.mean(b))
+                lost = pooled.get(part, 0.0) - statistics.mean(b)
+                if lost and method != "full":   # nothing lost (or no Full-Tuning): no recovery to speak of
+                    row[f"rec_{part}_pooled"] = (pooled[part] - statistics.mean(m)) / lost
             out.append(row)
     return out
 
@@ -164,9 +165,8 @@ def _spread(xs, kind: str = "nll") -> str:
 
 
 def _pooled(rs: list[dict]) -> str:
-    if not all("rec_chat_pooled" in r and "rec_text_pooled" in r for r in rs):
-        return "—"
-    return " / ".join(_spread([r[f"rec_{p}_pooled"] for r in rs], "pct") for p in ("chat", "text"))
+    return " / ".join(_spread([r[f"rec_{p}_pooled"] for r in rs], "pct") if all(f"rec_{p}_pooled" in r for r in rs)
+                      else "—" for p in ("chat", "text"))
 
 
 def seed_markdown(rows_: list[dict]) -> str:
