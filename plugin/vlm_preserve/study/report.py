@@ -134,8 +134,7 @@ def seed_rows(runs: dict) -> list[dict]:
     full = {r["seed"]: r for r in runs.get("full", [])}
     # Full-Tuning's mean NLL over all its seeds: at a chaotic regime the same seed is not the same run (another
     # machine, another draw), so recovery is also shown against this, unpaired
-    runs_nll = {p: [per_item([r], p, "nll") for r in full.values()] for p in ("chat", "text")}
-    pooled = {p: statistics.mean(statistics.mean(x) for x in xs) for p, xs in runs_nll.items() if xs and all(xs)}
+    pooled = {p: statistics.mean(x) for p in ("chat", "text") if (x := per_item(list(full.values()), p, "nll"))}
     for method in sorted(runs, key=_order):
         if len(runs[method]) < 2:
             continue
