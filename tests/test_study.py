@@ -60,6 +60,22 @@ def test_paired_bootstrap():
         paired_bootstrap(a, b[:-1])
 
 
+def test_bootstrap_matches_its_definition():
+    # the vectorised resampling must give exactly the interval of the plain loop: committed pages depend on it
+    import random
+    from vlm_preserve.study.evaluate import bootstrap
+    a = [random.Random(1).gauss(0, 1) * k for k in range(1, 38)]
+    b = [x * 0.3 + k * 1e-3 for k, x in enumerate(a)]
+    stat = lambda x: x[0] / x[1] if x[1] else float("nan")  # noqa: E731
+    rng, vals = random.Random(3), []
+    for _ in range(500):
+        idx = [rng.randrange(len(a)) for _ in range(len(a))]
+        vals.append(stat([sum(c[i] for i in idx) / len(a) for c in (a, b)]))
+    vals = sorted(v for v in vals if v == v)
+    want = (stat([mean(a), mean(b)]), vals[int(0.025 * len(vals))], vals[min(len(vals) - 1, int(0.975 * len(vals)))])
+    assert bootstrap([a, b], stat, n=500, seed=3) == want
+
+
 def test_continuation_logliks_match_full_forward():
     """The cached-prompt scorer equals summing log-softmax over a full forward of prompt + continuation."""
     llm, tok = _llm(), ByteTokenizer()
