@@ -197,6 +197,8 @@ def test_pipeline_end_to_end_and_resume(tiny_study):
     assert {"chat_nll", "chat_p_end1", "text_nll"} <= set(rec["summary"]) and "cpu_gflops" in rec
     assert len(rec["items"]["vqa"]) == rec["summary"]["vqa_n"] and 0 <= rec["summary"]["vqa_acc"] <= 1
     assert set(rec["summary"]) >= {"vqa_acc", "vqa_yes_no_acc", "vqa_other_acc"}
+    from vlm_preserve.study.data import easy_vqa_answers
+    assert {r["pred"] for r in rec["items"]["vqa"]} <= set(easy_vqa_answers())
     assert len(rec["items"]["mechanism"]) == rec["summary"]["vqa_n"] and rec["diagnose"]["layers"][0] == 0
     assert {"mmd2_before", "mmd2_after", "pre_cos"} <= set(rec["summary"])
     assert rec["sources"]["chat"] == "chitchat-dataset==0.9.0" and rec["sources"]["text_wiki"] == "gensim==4.4.0"
@@ -801,7 +803,7 @@ def test_the_mechanism_table_compares_before_after_and_with_the_same_seeds_full_
     from vlm_preserve.study.report import mechanism_markdown, mechanism_rows
     vqa = [{"acc": a, "yes_no": yn} for a, yn in [(1, True), (0, True), (1, False), (1, False)]]
 
-    def rec(method, seed, after, cos):
+    def rec(method, seed, after, cos, vqa=vqa):
         mech = [{"mmd2_before": 1.0, "mmd2_after": a, "pre_cos": c} for a, c in zip(after, cos)]
         diag = {"layers": [0, 2], **{w: {"mixing": {"pairwise_distance": [v, 0.0], "mmd2": [0.0, 0.0]},
                                          "effdim": {"effective_dim": [0, v]}, "redundancy": {"redundancy": [0, v]}}
@@ -809,7 +811,8 @@ def test_the_mechanism_table_compares_before_after_and_with_the_same_seeds_full_
         return {"method": method, "seed": seed, "items": {"vqa": vqa, "mechanism": mech}, "diagnose": diag}
     runs = {"base": [{"method": "base", "seed": None, "items": {}}],
             "full": [rec("full", 0, [1.0] * 4, [0.5] * 4)],
-            "rdd_rbf": [rec("rdd_rbf", 0, [0.4, 0.5, 0.6, 0.5], [0.5] * 4)]}
+            "rdd_rbf": [rec("rdd_rbf", 0, [0.4, 0.5, 0.6, 0.5], [0.5] * 4,
+                            [{**v, "pred": p} for v, p in zip(vqa, ["no", "no", "red", "no"])])]}
     rows_ = mechanism_rows(runs)
     assert [r["method"] for r in rows_] == ["full", "rdd_rbf"]
     full, rdd = rows_
@@ -818,8 +821,10 @@ def test_the_mechanism_table_compares_before_after_and_with_the_same_seeds_full_
     assert rdd["mmd2_vs_full"][0] == pytest.approx(-0.5) and rdd["cos_vs_full"] == (0.0, 0.0, 0.0)
     assert rdd["vqa_yes_no"][0] == 0.5 and rdd["vqa_other"][0] == 1.0
     assert rdd["effdim"] == (1.0, 2.0) and rdd["dist0"] == (1.0, 2.0)
+    assert rdd["vqa_pred"] == (2, "no", 0.75) and "vqa_pred" not in full   # full's items predate stored answers
     md = mechanism_markdown(rows_)
     assert md.count("\n") == 4 and "| rdd_rbf | 0 | -0.500 [" in md and "1 → 2" in md
+    assert md.splitlines()[2].endswith("| — |") and md.splitlines()[3].endswith("| 2, no (75%) |")
 
 
 def test_auto_merge_rows_follow_the_rule_on_validation_and_draw_their_curve(tiny_study, tmp_path):

@@ -165,7 +165,8 @@ def perplexity(rows: list[dict]) -> float:
 
 @torch.inference_mode()
 def vqa_eval(vlm, tok, items, features: torch.Tensor, answers: list[str], progress=None, batch: int = 16) -> list[dict]:
-    """Per question: {acc, yes_no}: the answer among easy-vqa's closed set with the highest log-likelihood."""
+    """Per question: {acc, yes_no, pred}: pred is the answer among easy-vqa's closed set with the highest
+    log-likelihood (the first on a tie, which acc counts as a share)."""
     conts = [answer_ids(tok, a) for a in answers]
     dev = vlm.projector[0].weight.device
     rows = []
@@ -176,7 +177,7 @@ def vqa_eval(vlm, tok, items, features: torch.Tensor, answers: list[str], progre
                               features[it.image][None].to(dev))[0] for it in its]
         for it, scores in zip(its, batch_continuation_logliks(vlm.llm, prefixes, [conts] * len(its))):
             rows.append({"acc": choice_outcome(scores, answers.index(it.answer)),
-                         "yes_no": it.answer in ("yes", "no")})
+                         "yes_no": it.answer in ("yes", "no"), "pred": answers[scores.index(max(scores))]})
         if progress is not None:
             progress.update(len(its))
     return rows

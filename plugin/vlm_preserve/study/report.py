@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import Counter
 from pathlib import Path
 
 from .evaluate import bootstrap, mean, paired_bootstrap, recovery
@@ -197,7 +198,8 @@ def seed_markdown(rows_: list[dict]) -> str:
 def mechanism_rows(runs: dict) -> list[dict]:
     """Per method with mechanism items (study/mechanism.py), seed-averaged per item: RDD's MMD² after − before
     tuning and against the same seeds' Full-Tuning, PRe's cosine to the anchor (and against Full-Tuning), diagnose's
-    set-level metrics before → after (mean over seeds), easy-vqa on yes/no and on other questions (CIs over items)."""
+    set-level metrics before → after (mean over seeds), easy-vqa on yes/no and on other questions (CIs over items),
+    and how many distinct answers the runs gave, with the most common one's share (a collapse onto one answer shows)."""
     full, out = runs.get("full", []), []
     for method in sorted(runs, key=_order):
         recs = runs[method]
@@ -217,6 +219,10 @@ def mechanism_rows(runs: dict) -> list[dict]:
             keep = [x["yes_no"] == (part == "yes_no") for x in recs[0]["items"]["vqa"]]
             acc = [a for a, k in zip(per_item(recs, "vqa", "acc"), keep) if k]
             row[f"vqa_{part}"] = _ci_of_mean(acc) if acc else None
+        preds = [x.get("pred") for r in recs for x in r["items"]["vqa"]]
+        if preds and all(preds):   # runs before predictions were stored have none
+            top, k = Counter(preds).most_common(1)[0]
+            row["vqa_pred"] = (len(set(preds)), top, k / len(preds))
         diags = [r["diagnose"] for r in recs if r.get("diagnose")]
         if diags:
             row["layers"] = diags[0]["layers"]
@@ -236,21 +242,26 @@ def mechanism_markdown(rows_: list[dict]) -> str:
     head = ("| method | seeds | Δ MMD² text–visual at input, after − before (95% CI) | MMD² vs same-seed full | "
             f"cosine of visual tokens to the anchor, hidden state {layer} (95% CI) | cosine vs same-seed full | "
             f"text–visual distance at input, before → after | effective dim. (state {layer}) | "
-            f"redundancy (state {layer}) | easy-vqa yes/no | easy-vqa other |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+            f"redundancy (state {layer}) | easy-vqa yes/no | easy-vqa other | easy-vqa answers given: distinct, most "
+            "common (share) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
     def acc(t):
         return "{:.3f} [{:.3f}, {:.3f}]".format(*t) if t else "—"
 
     def pair(t, f):
         return f"{t[0]:{f}} → {t[1]:{f}}" if t else "—"
+
+    def given(t):
+        return f"{t[0]}, {t[1]} ({t[2]:.0%})" if t else "—"
     lines = []
     for r in rows_:
         cos = r["pre_cos"]
         lines.append(f"| {r['method']} | {','.join(map(str, r['seeds']))} | {ci(r['d_mmd2'])} | "
                      f"{ci(r.get('mmd2_vs_full'))} | {cos[0]:.3f} [{cos[1]:.3f}, {cos[2]:.3f}] | "
                      f"{ci(r.get('cos_vs_full'))} | {pair(r.get('dist0'), '.2f')} | {pair(r.get('effdim'), '.0f')} | "
-                     f"{pair(r.get('redundancy'), '.3f')} | {acc(r.get('vqa_yes_no'))} | {acc(r.get('vqa_other'))} |")
+                     f"{pair(r.get('redundancy'), '.3f')} | {acc(r.get('vqa_yes_no'))} | {acc(r.get('vqa_other'))} | "
+                     f"{given(r.get('vqa_pred'))} |")
     return head + "\n".join(lines) + "\n"
 
 
