@@ -532,13 +532,13 @@ def test_demo_prints_degradation_recovery_and_time_left(tmp_path, capsys):
                 language_validation=2, language_report=4, text_tokens=16, vqa_validation_questions=2,
                 instruction_samples=2, bf16=False) == 0
     out = capsys.readouterr().out
-    for phase in ("eval:base (1/7)", "stage1 (2/7)", "train:full_s0 (3/7)", "eval:merge_a0.5_s0 (5/7)",
-                  "eval:distill_s0 (7/7)"):
+    for phase in ("eval:base (1/9)", "stage1 (2/9)", "train:full_s0 (3/9)", "eval:merge_a0.5_s0 (5/9)",
+                  "eval:lora_s0 (7/9)", "eval:distill_s0 (9/9)"):
         assert f"[demo] {phase}" in out and "min left" in out
     table = out.split("[demo] language against the base LLM")[1]
     assert "4 chat replies, 4 prose documents" in table
     rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
-    assert set(rows) >= {"base", "full", "merge_a0.5", "distill"}
+    assert set(rows) >= {"base", "full", "merge_a0.5", "lora", "distill"}
     assert "%" in rows["distill"].split(" | ")[2] and "%" in rows["merge_a0.5"].split(" | ")[2]   # recovery
 
 

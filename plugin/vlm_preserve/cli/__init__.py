@@ -15,8 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--source", help="Check this upstream source tree (a checkout) instead of the installed package.")
     c.add_argument("--skip-run", action="store_true", help="Only check symbols and signatures.")
 
-    d = sub.add_parser("demo", help="The study in miniature: base LLM, Full-Tuning, LinguDistill and the merge on "
-                                    "SmolLM2 + EfficientNet-Lite0 (easy-vqa); language loss and recovery with CIs "
+    d = sub.add_parser("demo", help="The study in miniature: base LLM, Full-Tuning, LoRA, LinguDistill and the merge "
+                                    "on SmolLM2 + EfficientNet-Lite0 (easy-vqa); language loss and recovery with CIs "
                                     "beside VQA accuracy.")
     d.add_argument("--out", default="", help="Results directory (default runs/demo, with --smoke runs/demo-smoke); a "
                                              "rerun resumes.")
