@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-# Sized for ~15 minutes on an idle 2-core CPU doing ~170 GFLOP/s, installs included (README: the measured run).
+# Sized for ≤ 15 minutes on an idle 2-core CPU doing ~170 GFLOP/s, installs included (README: the measured run).
 # The regime (lr, 30 steps of a 100-step cosine schedule, images, stage 1) is StudyConfig's default, the study's
 # mild regime: on validation items Full-Tuning lost +0.150 nats of chat-reply NLL, CI [+0.115, +0.185], there
 # (docs/results-pilot.md).
@@ -23,10 +23,10 @@ SMOKE = dict(DEMO, train_images=8, test_images=4, vqa_test_questions=6, stage1_s
 
 # Seconds each phase took in the demo's measured run (README), and that machine's fp32 GEMM rate: the time-left
 # estimate starts from these scaled by this machine's measured rate, then follows this run's own pace.
-# The README's run, 2026-12-06 (9 min 52 s on a fresh clone, installs included): phases as its progress lines timed
+# The README's run, 2026-12-08 (10 min 17 s on a fresh clone, installs included): phases as its progress lines timed
 # them, at the rate it printed at its start.
-REFERENCE_GFLOPS = 191.0
-REFERENCE_S = {"eval:base": 72.0, "stage1": 54.0, "train": 3.6, "eval": 62.0}
+REFERENCE_GFLOPS = 203.0
+REFERENCE_S = {"eval:base": 72.0, "stage1": 42.0, "train": 3.2, "eval": 48.0}
 
 
 class Progress:
