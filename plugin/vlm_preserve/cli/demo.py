@@ -1,8 +1,9 @@
 """`vlm-preserve demo`: the study in miniature on real pretrained parts — the base LLM, Full-Tuning, the plugin's
 best regularizer, upstream's LoRA and the training-free merge on SmolLM2-135M-Instruct + EfficientNet-Lite0
 (easy-vqa) — printing how much language Full-Tuning loses (chat-response and plain-text NLL against the base LLM,
-paired 95% CIs) and how much of it each method recovers, beside easy-vqa accuracy. The regime (learning rate, steps) is the study's own,
-chosen on validation items (docs/study.md); the demo scores a prefix of the study's report items."""
+paired 95% CIs) and how much of it each method recovers, beside easy-vqa accuracy. The regime (learning rate,
+steps) is the study's own, chosen on validation items (docs/study.md); the demo scores a prefix of the study's
+report items."""
 from __future__ import annotations
 
 import time
